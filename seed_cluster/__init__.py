@@ -1,0 +1,1 @@
+"""seed-cluster: SEED self-supervised distillation at cluster scale."""
