@@ -1,0 +1,321 @@
+"""Typed configuration: the schema Hydra composes into, its validation, and derived values.
+
+Dataclasses are the schema (types, defaults, one docstring line per field);
+`conf/*.yaml` holds presets; the command line holds overrides. The root schema
+is registered in Hydra's ConfigStore as `base_config`, so an unknown key or a
+value of the wrong type fails at composition, before anything runs.
+`__post_init__` only validates (OmegaConf may run it more than once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet18"
+    """timm model name (e.g. mobilenetv3_large_100) or a small convnet (convnet_s, convnet_m, convnet_l)."""
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "resnet50"
+    """Backbone: timm model name or a small convnet."""
+    head: str = "mlp"
+    """Projection head: mlp (Linear-ReLU-Linear), mlp_bn (Linear-BN-ReLU-Linear), linear, none."""
+    hidden_dim: int = 0
+    """Hidden width of an mlp head; 0 means the backbone's feature width."""
+    checkpoint: Optional[str] = None
+    """Weights: a plain state dict or a checkpoint this project wrote. None = random (smoke tests only)."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.head in HEAD_KINDS,
+               f"teacher.head={self.head!r} is not a head kind; use one of {', '.join(HEAD_KINDS)}")
+        _check(problems, self.hidden_dim >= 0, f"teacher.hidden_dim={self.hidden_dim} must be >= 0")
+        _raise_if(problems)
+
+
+HEAD_KINDS = ("mlp", "mlp_bn", "linear", "none")
+METHODS = ("seed", "mocov2")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "seed"
+    """seed: distil a frozen teacher (Fang et al. 2021); mocov2: the paper's self-supervised baseline."""
+    dim: int = 128
+    """Embedding dimension of the heads and the queue."""
+    queue_size: int = 65536
+    """K, the number of teacher (or key) embeddings kept in the queue."""
+    tau_s: float = 0.2
+    """SEED student temperature."""
+    tau_t: float = 1e-4
+    """SEED teacher temperature (1e-4: the target is nearly one-hot on the positive)."""
+    tau: float = 0.2
+    """MoCo-v2 temperature."""
+    momentum: float = 0.999
+    """MoCo-v2 key-encoder momentum."""
+    bn_splits: int = 8
+    """MoCo-v2: the key encoder sees the shuffled batch in this many BN groups (shuffle-BN within a rank)."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.name in METHODS,
+               f"method.name={self.name!r} is not a method; use one of {', '.join(METHODS)}")
+        _check(problems, self.dim > 0, f"method.dim={self.dim} must be positive")
+        _check(problems, self.queue_size > 0, f"method.queue_size={self.queue_size} must be positive")
+        for key in ("tau_s", "tau_t", "tau"):
+            value = getattr(self, key)
+            _check(problems, value > 0, f"method.{key}={value} must be > 0")
+        _check(problems, 0.0 <= self.momentum < 1.0, f"method.momentum={self.momentum} must be in [0, 1)")
+        _check(problems, self.bn_splits >= 1, f"method.bn_splits={self.bn_splits} must be >= 1")
+        _raise_if(problems)
+
+
+@dataclass
+class DataConfig:
+    name: str = "imagenet"
+    """A label for logs and run names."""
+    train: str = MISSING
+    """Training .beton (build one with `python -m ffcv_build`)."""
+    val: Optional[str] = None
+    """Labelled held-out .beton for evaluation (optional)."""
+    recipe: str = "mocov2"
+    """Augmentation recipe (seed_cluster.augment.RECIPES)."""
+    resolution: int = 224
+    """Side of the augmented views fed to the networks."""
+    decode_resolution: int = 256
+    """FFCV decodes the largest centred square of each image to this side; crops are taken from it."""
+    batch_size_per_rank: int = 256
+    """Images per process (per GPU) and step; the global batch is this x world size."""
+    num_workers: int = 8
+    """FFCV decoding threads per process (also torch's thread count on CPU)."""
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    os_cache: bool = True
+    """Memory-map the .beton through the OS page cache (good when the dataset fits in RAM)."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.resolution > 0, f"data.resolution={self.resolution} must be positive")
+        _check(problems, self.decode_resolution >= self.resolution,
+               f"data.decode_resolution={self.decode_resolution} must be >= data.resolution={self.resolution}")
+        _check(problems, self.batch_size_per_rank > 0,
+               f"data.batch_size_per_rank={self.batch_size_per_rank} must be positive")
+        _check(problems, self.num_workers > 0, f"data.num_workers={self.num_workers} must be positive")
+        _check(problems, len(self.mean) == 3 and len(self.std) == 3,
+               "data.mean and data.std need 3 values each (RGB)")
+        _raise_if(problems)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    """Length of the schedule in epochs."""
+    max_steps: Optional[int] = None
+    """If set, the schedule (warm-up + cosine) spans exactly this many steps instead of `epochs`."""
+    base_lr: float = 0.03
+    """Learning rate per 256 images; the actual lr is base_lr x global_batch / 256."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    """Linear warm-up length (epochs); then cosine decay to 0."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this value; 0 disables clipping."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), fp32, or bf16 (autocast, also on CPU)."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.epochs > 0, f"optim.epochs={self.epochs} must be positive")
+        _check(problems, self.max_steps is None or self.max_steps > 0,
+               f"optim.max_steps={self.max_steps} must be positive or null")
+        _check(problems, self.base_lr > 0, f"optim.base_lr={self.base_lr} must be positive")
+        _check(problems, self.warmup_epochs >= 0, f"optim.warmup_epochs={self.warmup_epochs} must be >= 0")
+        _check(problems, self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        _check(problems, self.precision in ("auto", "fp32", "bf16"),
+               f"optim.precision={self.precision!r} must be one of auto, fp32, bf16")
+        _raise_if(problems)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every this many steps (and always at the end)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints (at least 2, so a corrupt newest one has a fallback)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in the run directory; never: refuse if one exists."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.every_steps > 0, f"checkpoint.every_steps={self.every_steps} must be positive")
+        _check(problems, self.keep >= 2, f"checkpoint.keep={self.keep} must be >= 2")
+        _check(problems, self.resume in ("auto", "never"),
+               f"checkpoint.resume={self.resume!r} must be auto or never")
+        _raise_if(problems)
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 20
+    """Write TensorBoard scalars every this many steps."""
+    progress_bar: bool = True
+    """A tqdm bar on rank 0 (loss, images/s)."""
+
+    def __post_init__(self) -> None:
+        _raise_if([] if self.every_steps > 0 else [f"logging.every_steps={self.every_steps} must be positive"])
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs. Key names follow submitit / hydra-submitit-launcher."""
+
+    backend: str = "local"
+    """local: processes on this machine; slurm: submit through sbatch."""
+    tasks_per_node: int = 1
+    """Processes per node: one per GPU (or per CPU process in CPU mode)."""
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 0
+    """Memory per node in GB; 0 leaves it to the cluster's default."""
+    timeout_min: int = 60 * 24
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    account: Optional[str] = None
+    constraint: Optional[str] = None
+    signal_delay_s: int = 120
+    """SLURM sends USR2 this many seconds before the time limit."""
+    max_num_timeout: int = 20
+    """Requeue at most this many times on time-outs."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job starts (e.g. module load)."""
+    wait: bool = False
+    """Block until the job ends and stream the rank-0 log."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.backend in ("local", "slurm"),
+               f"cluster.backend={self.backend!r} must be local or slurm")
+        _check(problems, self.tasks_per_node >= 1, f"cluster.tasks_per_node={self.tasks_per_node} must be >= 1")
+        _check(problems, self.cpus_per_task >= 1, f"cluster.cpus_per_task={self.cpus_per_task} must be >= 1")
+        _raise_if(problems)
+
+
+@dataclass
+class TrainConfig:
+    """The root of the configuration tree."""
+
+    name: str = "seed"
+    """Experiment name: the run directory is <output_dir>/<name>-<config hash>."""
+    output_dir: str = "runs"
+    run_dir: Optional[str] = None
+    """Explicit run directory (overrides the name + hash rule)."""
+    seed: int = 0
+    """Seeds initialisation, data order and every augmentation."""
+    nodes: int = 1
+    """Number of nodes (top level so that `nodes=4` works as written in the brief)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.nodes >= 1, f"nodes={self.nodes} must be >= 1")
+        _check(problems, self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} must be auto, cpu or cuda")
+        _check(problems, self.name.replace("-", "").replace("_", "").isalnum(),
+               f"name={self.name!r} may only hold letters, digits, - and _")
+        _raise_if(problems)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.cluster.tasks_per_node
+
+
+# Keys that say where and how the job runs but not what it computes: they are left
+# out of the run hash so that resubmitting on another cluster setup resumes the run.
+_PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Eight hex digits identifying what a run computes (placement keys excluded)."""
+    content = {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT_KEYS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    """Deterministic, so that submitting the same command again finds (and resumes) the same run."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.output_dir) / f"{cfg.name}-{config_hash(cfg)}"
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed once from the config and the dataset; logged at start-up, never written back."""
+
+    world_size: int
+    global_batch: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def derive(cfg: TrainConfig, num_samples: int, world_size: int) -> Derived:
+    global_batch = cfg.data.batch_size_per_rank * world_size
+    steps_per_epoch = (num_samples // world_size) // cfg.data.batch_size_per_rank
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size_per_rank={cfg.data.batch_size_per_rank} x world size {world_size} exceeds the "
+            f"{num_samples} training images of {cfg.data.train}; lower the batch size")
+    total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    return Derived(
+        world_size=world_size,
+        global_batch=global_batch,
+        lr=cfg.optim.base_lr * global_batch / 256,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(total, math.ceil(cfg.optim.warmup_epochs * steps_per_epoch)),
+    )
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)

@@ -1,0 +1,89 @@
+"""Encoders: a backbone (timm, or a small convnet for tiny images) followed by a projection head.
+
+SEED's student head is Linear(d, d) - ReLU - Linear(d, dim) without BN (official
+code, `SEED/models`), d being the backbone's feature width; MoCo-v2 uses the same
+MLP. The embedding an `Encoder` returns is L2-normalised.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+# Small plain convnets (six conv-BN-ReLU blocks, downsampling by 2 at blocks 2, 4 and 6):
+# on 28-32 px images they learn in a few hundred steps where ImageNet-stem timm models
+# barely move (prototype on digits, DESIGN.md §4). Widths of the three stages.
+SMALL_CONVNETS: dict[str, tuple[int, int, int]] = {
+    "convnet_s": (32, 64, 128),
+    "convnet_m": (64, 128, 256),
+    "convnet_l": (96, 192, 384),
+}
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self, widths: tuple[int, int, int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for width in widths:
+            for stride in (1, 2):
+                layers += [nn.Conv2d(in_ch, width, 3, stride=stride, padding=1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+def build_backbone(arch: str, key: str = "student.arch") -> nn.Module:
+    """A feature extractor with attribute `num_features`, mapping images to [N, num_features]."""
+    if arch in SMALL_CONVNETS:
+        return SmallConvNet(SMALL_CONVNETS[arch])
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models() + list(SMALL_CONVNETS), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('<pattern>')"
+        raise ConfigError(f"{key}={arch!r} is neither a timm model nor one of {', '.join(SMALL_CONVNETS)}; {hint}")
+    return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def build_head(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    if kind == "mlp_bn":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                             nn.Linear(hidden_dim, out_dim))
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"head kind {kind!r} is unknown; use mlp, mlp_bn, linear or none")
+
+
+class Encoder(nn.Module):
+    """backbone -> head -> L2 normalisation. `features()` gives the backbone output used for evaluation."""
+
+    def __init__(self, arch: str, dim: int, head: str = "mlp", hidden_dim: int = 0, key: str = "student.arch"):
+        super().__init__()
+        self.arch = arch
+        self.backbone = build_backbone(arch, key)
+        width = self.backbone.num_features
+        self.head = build_head(head, width, hidden_dim or width, dim)
+        self.dim = width if head == "none" else dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def build_student(arch: str, dim: int) -> Encoder:
+    return Encoder(arch, dim, head="mlp", key="student.arch")
