@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -36,6 +42,67 @@ def all_reduce_max(value: float | int | bool) -> float:
     """The maximum of a Python scalar over all ranks (used to agree on flags such as 'stop now')."""
     if not is_distributed():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+# -- process-group set-up --------------------------------------------------------------------------------
+
+RENDEZVOUS_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Who this process is: from submitit's JobEnvironment (SLURM or local executor), else a single process."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    job_id: str
+    attempt: int
+    """SLURM_RESTART_COUNT: 0 for a first run, then +1 per requeue."""
+
+    @classmethod
+    def detect(cls) -> "DistEnv":
+        import submitit
+
+        try:
+            env = submitit.JobEnvironment()
+        except RuntimeError:  # not started by submitit
+            return cls(0, 0, 1, "127.0.0.1", f"pid{os.getpid()}", 0)
+        addr = env.hostnames[0] if env.cluster == "slurm" else "127.0.0.1"
+        return cls(env.global_rank, env.local_rank, env.num_tasks, addr, str(env.job_id),
+                   int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+
+
+def init_process_group(env: DistEnv, rendezvous_dir: Path, backend: str) -> None:
+    """Join the job's process group through a fresh port chosen by rank 0 and published in a file.
+
+    The port is never fixed and never derived from the job id: rank 0 lets the OS pick a
+    free one for each job and each requeue (`attempt`), so jobs sharing a host never collide.
+    """
+    if env.world_size == 1:
+        return
+    rendezvous_dir.mkdir(parents=True, exist_ok=True)
+    address_file = rendezvous_dir / f"{env.job_id}-{env.attempt}"
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    if env.rank == 0:
+        store = dist.TCPStore("0.0.0.0", 0, world_size=env.world_size, is_master=True, timeout=timeout)
+        tmp = address_file.with_suffix(".tmp")
+        tmp.write_text(f"{env.master_addr}:{store.port}")
+        os.replace(tmp, address_file)
+    else:
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+        while not address_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {env.rank}: rank 0 never published {address_file}")
+            time.sleep(0.2)
+        host, port = address_file.read_text().rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), world_size=env.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    dist.barrier()
+    if env.rank == 0:
+        address_file.unlink(missing_ok=True)

@@ -1,0 +1,144 @@
+"""The data path: FFCV decodes, this module orders, `augment` makes the views on the device.
+
+FFCV's own random ops are not seeded (DESIGN.md §4), so FFCV here only decodes each
+image's largest centred square to `decode_resolution` (uint8, channels-last), and
+every random choice happens in `seed_cluster.augment`, keyed by (seed, epoch, sample
+index, view). The epoch order is a permutation keyed by (seed, epoch), split across
+ranks, so the stream is a pure function of its position (epoch, batches consumed):
+a loader can start anywhere in an epoch without decoding what it skips.
+
+Note: cropping from the centred square instead of the full image narrows the crop
+distribution slightly for non-square photos (corners outside the square never appear).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.transforms import Squeeze, ToTensor
+
+from .augment import augment, center_view, get_recipe
+from .config import DataConfig
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def check_dataset(path: str, key: str) -> dict:
+    """The dataset's manifest; a one-line DataError when `path` is missing or is no readable .beton."""
+    from ffcv_build import check_beton
+
+    try:
+        return check_beton(path)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from e
+
+
+def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's samples for `epoch`, in order: a (seed, epoch)-keyed permutation, tail dropped so ranks
+    get equal shares, then strided across ranks (every sample at most once per epoch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    per_rank = num_samples // world_size
+    return perm[: per_rank * world_size][rank::world_size]
+
+
+class _PositionedOrder(TraversalOrder):
+    """An FFCV traversal order that returns `epoch_order` from the current position on.
+
+    ffcv 1.0.2 checks `isinstance(order, TraversalOrder)` and then calls `order(loader)`,
+    so the instance is callable and binds itself to the loader.
+    """
+
+    def __init__(self, stream: "TrainStream"):
+        self.stream = stream
+
+    def __call__(self, loader: Loader) -> "_PositionedOrder":
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int) -> Sequence[int]:
+        s = self.stream
+        order = epoch_order(len(self.indices), seed=s.seed, epoch=s.epoch, rank=s.rank, world_size=s.world_size)
+        return order[s.batches_consumed * s.batch_size:]
+
+
+def _pipelines(decode_resolution: int) -> dict:
+    return {
+        "image": [CenterCropRGBImageDecoder((decode_resolution, decode_resolution), ratio=1.0), ToTensor()],
+        "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+        "index": [IntDecoder(), ToTensor(), Squeeze(1)],
+    }
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]
+    """Augmented, normalised float views [B, 3, R, R] on the device, one per view index."""
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+class TrainStream:
+    """An endless stream of batches whose position is (epoch, batches_consumed) and nothing else."""
+
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, num_views: int,
+                 device: torch.device):
+        manifest = check_dataset(cfg.train, "data.train")
+        self.cfg = cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_views, self.device = num_views, device
+        self.batch_size = cfg.batch_size_per_rank
+        self.recipe = get_recipe(cfg.recipe)
+        self.epoch = 0
+        self.batches_consumed = 0
+        self.loader = Loader(cfg.train, batch_size=self.batch_size, num_workers=cfg.num_workers,
+                             order=_PositionedOrder(self), pipelines=_pipelines(cfg.decode_resolution),
+                             drop_last=True, os_cache=cfg.os_cache, seed=seed)
+        self.num_samples = self.loader.reader.num_samples
+        self.manifest = manifest
+        self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
+
+    # -- position ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if state["world_size"] != self.world_size and self.batches_consumed:
+            # The order of a partly consumed epoch depends on the world size: continue at the next epoch.
+            logger.warning("world size changed from %d to %d mid-epoch: skipping the rest of epoch %d",
+                           state["world_size"], self.world_size, self.epoch)
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    # -- iteration --------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            for images, labels, indices in self.loader:
+                indices = indices.to(self.device, non_blocking=True)
+                images = images.to(self.device, non_blocking=True)
+                views = [augment(images, indices, seed=self.seed, epoch=self.epoch, view=v, recipe=self.recipe,
+                                 size=self.cfg.resolution, mean=self.cfg.mean, std=self.cfg.std)
+                         for v in range(self.num_views)]
+                batch = Batch(views=views, labels=labels.to(self.device).clone(), indices=indices.clone())
+                self.batches_consumed += 1
+                yield batch
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+
+def eval_batches(path: str, cfg: DataConfig, device: torch.device, key: str = "data.val",
+                 batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(centre view, label) batches over every sample of `path`, in file order."""
+    check_dataset(path, key)
+    loader = Loader(path, batch_size=batch_size, num_workers=cfg.num_workers, order=OrderOption.SEQUENTIAL,
+                    pipelines=_pipelines(cfg.decode_resolution), drop_last=False, os_cache=cfg.os_cache)
+    for images, labels, _ in loader:
+        yield (center_view(images.to(device), size=cfg.resolution, mean=cfg.mean, std=cfg.std),
+               labels.to(device).clone())
