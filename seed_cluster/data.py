@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def check_dataset(path: str, key: str) -> dict:
     """The dataset's manifest; a one-line DataError when `path` is missing or is no readable .beton."""
-    from ffcv_build import check_beton
+    from ffcv_build.manifest import check_beton
 
     try:
         return check_beton(path)

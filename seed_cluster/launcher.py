@@ -1,0 +1,166 @@
+"""Compose the config, check what can be checked before submitting, submit, report.
+
+`launch/slurm.py` is a thin wrapper over `main`. Every problem the user can fix is
+reported here, in the terminal, as one line — not hours later in a SLURM log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from .config import TrainConfig, register, run_dir
+from .errors import ConfigError, SeedClusterError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+logger = logging.getLogger(__name__)
+
+
+def load_config(overrides: Sequence[str]) -> TrainConfig:
+    """Compose conf/config.yaml with `overrides` into a validated TrainConfig (ConfigError on any problem)."""
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(composed)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "?")
+        hint = " (build a .beton with `python -m ffcv_build`)" if key.startswith("data.") else ""
+        raise ConfigError(f"{key} is required but not set; pass {key}=...{hint}") from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    return _absolute_paths(cfg)
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra/OmegaConf errors folded into one line: the message, its cause, no search-path dump."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        text = " ".join(str(e).split()).split(" Config search path:")[0]
+        text = text.split(" To append to your config use")[0].split(" reference_type=")[0].rstrip(".")
+        if text and text not in parts:
+            parts.append(text.replace("\n", " "))
+        e = e.__cause__
+    line = ": ".join(parts)
+    if "not in '" in line or "not in struct" in line:
+        line += " (unknown key: check its spelling; `python launch/slurm.py --cfg` prints every key)"
+    return line
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Paths as the user meant them from their shell: resolved once, here, before the job moves elsewhere."""
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), val=absolute(cfg.data.val))
+    teacher = dataclasses.replace(cfg.teacher, checkpoint=absolute(cfg.teacher.checkpoint))
+    return dataclasses.replace(cfg, data=data, teacher=teacher, output_dir=absolute(cfg.output_dir),
+                               run_dir=absolute(cfg.run_dir))
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything knowable before submission: dataset readable, models exist, teacher file present, output writable."""
+    from .data import check_dataset
+    from .models import build_backbone
+
+    problems: list[str] = []
+    for check in (
+        lambda: check_dataset(cfg.data.train, "data.train"),
+        lambda: cfg.data.val and check_dataset(cfg.data.val, "data.val"),
+        lambda: build_backbone(cfg.student.arch, "student.arch"),
+        lambda: cfg.method.name == "seed" and build_backbone(cfg.teacher.arch, "teacher.arch"),
+        lambda: cfg.method.name == "seed" and cfg.teacher.checkpoint and _teacher_exists(cfg.teacher.checkpoint),
+        lambda: _writable(run_dir(cfg)),
+    ):
+        try:
+            check()
+        except SeedClusterError as e:
+            problems.append(str(e))
+    if cfg.cluster.backend == "slurm" and shutil.which("sbatch") is None:
+        problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
+                        "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _teacher_exists(path: str) -> None:
+    from .teachers import resolve_checkpoint_path
+
+    resolve_checkpoint_path(path)
+
+
+def _writable(directory: Path) -> None:
+    from .checkpoint import Checkpointer
+
+    Checkpointer(directory / "checkpoints").prepare()
+
+
+def submit(cfg: TrainConfig):
+    """Submit (or, locally, start) the training job; returns the submitit Job."""
+    from .job import TrainJob, executor_for
+
+    directory = run_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    executor = executor_for(cfg, directory / "submitit")
+    return executor.submit(TrainJob(cfg))
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nusage: python launch/slurm.py [key=value ...] [group=option ...]\n"
+              f"groups: {', '.join(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))} "
+              f"(see {CONF_DIR}); print the composed config with --cfg")
+        return 0
+    print_only = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = load_config(argv)
+        if print_only:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        preflight(cfg)
+        job = submit(cfg)
+    except SeedClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    directory = run_dir(cfg)
+    print(f"job {job.job_id} ({cfg.cluster.backend}, {cfg.world_size} ranks)\n"
+          f"run directory: {directory}\nlogs: {job.paths.stdout} and {job.paths.stderr}\n"
+          f"watch it: tensorboard --logdir {directory / 'tensorboard'}", flush=True)
+    if cfg.cluster.backend == "slurm" and not cfg.cluster.wait:
+        return 0
+    return wait(job)
+
+
+def wait(job) -> int:
+    """Stream rank 0's log until the job ends; on failure print the job's one-line error."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from .job import stream_until_done
+
+    stream_until_done(job)
+    try:
+        job.results()
+    except (FailedJobError, UncompletedJobError):
+        print(f"error: {last_error_line(job) or 'the job failed'} (log: {job.paths.stdout})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def last_error_line(job) -> Optional[str]:
+    for path in (Path(job.paths.stdout), Path(job.paths.stderr)):
+        if path.exists():
+            errors = [line for line in path.read_text(errors="replace").splitlines() if " ERROR " in line]
+            if errors:
+                return errors[-1].split(": ", 1)[-1]
+    return None
