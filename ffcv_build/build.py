@@ -315,7 +315,8 @@ def _check_options(write_mode: str, max_side: int | None, quality: int, workers:
 def _refuse_existing(outs: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in outs if p.exists()]
     if existing and not overwrite:
-        raise DataError(f"{', '.join(existing)} already exists; pass --overwrite to replace it")
+        verb, it = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise DataError(f"{', '.join(existing)} already {verb}; pass --overwrite to replace {it}")
 
 
 def _remove_stale_temps(directory: Path, names: list[str]) -> None:
