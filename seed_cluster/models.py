@@ -43,8 +43,14 @@ class SmallConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+def feature_width(backbone: nn.Module) -> int:
+    """Width of the backbone's output. timm's `num_features` is the width *before* a post-pooling head conv
+    (MobileNetV3: 960, while the model outputs 1280); `head_hidden_size` is what it really returns."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 def build_backbone(arch: str, key: str = "student.arch") -> nn.Module:
-    """A feature extractor with attribute `num_features`, mapping images to [N, num_features]."""
+    """A feature extractor mapping images to [N, feature_width(backbone)]."""
     if arch in SMALL_CONVNETS:
         return SmallConvNet(SMALL_CONVNETS[arch])
     if not timm.is_model(arch):
@@ -74,7 +80,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.backbone = build_backbone(arch, key)
-        width = self.backbone.num_features
+        width = feature_width(self.backbone)
         self.head = build_head(head, width, hidden_dim or width, dim)
         self.dim = width if head == "none" else dim
 
