@@ -30,6 +30,7 @@ class FrozenTeacher(nn.Module):
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
         self.fingerprint = fingerprint
+        self.train(False)  # the wrapper itself too, so `teacher.training` is False from the start
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # Keep BN in inference mode whatever the caller asks for: SEED's teacher is frozen.
