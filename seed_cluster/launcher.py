@@ -32,13 +32,40 @@ def load_config(overrides: Sequence[str]) -> TrainConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             composed = compose(config_name="config", overrides=list(overrides))
         cfg = OmegaConf.to_object(composed)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", "?")
-        hint = " (build a .beton with `python -m ffcv_build`)" if key.startswith("data.") else ""
-        raise ConfigError(f"{key} is required but not set; pass {key}=...{hint}") from None
+    except (ConfigError, MissingMandatoryValue) as first:
+        # to_object stops at the first section that fails (invalid or missing value): report them all at once.
+        fallback = _missing(first) if isinstance(first, MissingMandatoryValue) else str(first)
+        raise ConfigError("; ".join(_all_problems(composed)) or fallback) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
     return _absolute_paths(cfg)
+
+
+def _missing(e: MissingMandatoryValue) -> str:
+    key = getattr(e, "full_key", "?")
+    hint = " (build a .beton with `python -m ffcv_build`)" if key.startswith("data.") else ""
+    return f"{key} is required but not set; pass {key}=...{hint}"
+
+
+def _all_problems(composed) -> list[str]:
+    """The validation message of every section (and of the top-level keys) of a composed config."""
+    problems, scalars = [], {}
+    for f in dataclasses.fields(TrainConfig):
+        node = composed[f.name]
+        if not OmegaConf.is_config(node):
+            scalars[f.name] = node
+            continue
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError as e:
+            problems.append(str(e))
+        except MissingMandatoryValue as e:
+            problems.append(_missing(e))
+    try:
+        TrainConfig(**scalars)  # default sections: only the top-level checks can fail here
+    except ConfigError as e:
+        problems.append(str(e))
+    return problems
 
 
 def _one_line(e: BaseException) -> str:
