@@ -268,6 +268,7 @@ class TrainConfig:
 # Keys that say where and how the job runs but not what it computes: they are left
 # out of the run hash so that resubmitting on another cluster setup resumes the run.
 _PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device")
+_PLACEMENT_DATA_KEYS = ("num_workers", "os_cache")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -277,6 +278,8 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def config_hash(cfg: TrainConfig) -> str:
     """Eight hex digits identifying what a run computes (placement keys excluded)."""
     content = {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT_KEYS}
+    for key in _PLACEMENT_DATA_KEYS:
+        content["data"].pop(key)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -90,7 +90,8 @@ def init_process_group(env: DistEnv, rendezvous_dir: Path, backend: str) -> None
     address_file = rendezvous_dir / f"{env.job_id}-{env.attempt}"
     timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
     if env.rank == 0:
-        store = dist.TCPStore("0.0.0.0", 0, world_size=env.world_size, is_master=True, timeout=timeout)
+        store = dist.TCPStore("0.0.0.0", 0, world_size=env.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
         tmp = address_file.with_suffix(".tmp")
         tmp.write_text(f"{env.master_addr}:{store.port}")
         os.replace(tmp, address_file)

@@ -187,7 +187,7 @@ def wait(job) -> int:
 def last_error_line(job) -> Optional[str]:
     for path in (Path(job.paths.stdout), Path(job.paths.stderr)):
         if path.exists():
-            errors = [line for line in path.read_text(errors="replace").splitlines() if " ERROR " in line]
+            errors = [line for line in path.read_text(errors="replace").splitlines() if "] ERROR seed_cluster" in line]
             if errors:
                 return errors[-1].split(": ", 1)[-1]
     return None
