@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# A real multi-node SLURM cluster on this one host, for development and the test suite.
+#
+#   launch/local_cluster.sh start    # start (idempotent); waits until nodes are idle and accounting works
+#   launch/local_cluster.sh stop     # stop the daemons this script started (idempotent)
+#   launch/local_cluster.sh status   # sinfo + squeue, or "not running"
+#   launch/local_cluster.sh env      # prints `export SLURM_CONF=...`: eval "$(launch/local_cluster.sh env)"
+#
+# What runs (all as root, all on 127.0.0.1):
+#   munged     default socket /run/munge/munge.socket.2 (run as user munge; reused if already running)
+#   mariadbd   private instance, datadir $STATE/mariadb, port $SEED_SLURM_DB_PORT (default 16306)
+#   slurmdbd   port $SEED_SLURM_DBD_PORT (default 16819)
+#   slurmctld  port $SEED_SLURM_CTLD_PORT (default 16817)
+#   slurmd     nodes n1..n4 on ports $SEED_SLURM_NODE_PORT_BASE+1..+4 (default 17001-17004),
+#              4 CPUs each (advertised; they share this host's cores)
+# Partitions: low (default; preemptible, requeued, GraceTime=30) and high (preempts low), both n[1-4].
+#
+# State dir: $SEED_SLURM_DIR (default /tmp/seed-cluster-slurm) holds slurm.conf, slurmdbd.conf,
+# pid files (run/), logs (log/), slurmctld state, slurmd spool dirs and the MariaDB data.
+# `rm -rf` of it gives a fresh cluster (job ids restart at 1).
+#
+# Jobs inherit the submitting environment (sbatch's default --export=ALL), so a job submitted
+# from an activated venv (or by submitit, which uses sys.executable) runs that venv's Python.
+set -euo pipefail
+
+STATE="${SEED_SLURM_DIR:-/tmp/seed-cluster-slurm}"
+CLUSTER_NAME="${SEED_SLURM_CLUSTER:-seed}"
+DB_PORT="${SEED_SLURM_DB_PORT:-16306}"
+DBD_PORT="${SEED_SLURM_DBD_PORT:-16819}"
+CTLD_PORT="${SEED_SLURM_CTLD_PORT:-16817}"
+NODE_PORT_BASE="${SEED_SLURM_NODE_PORT_BASE:-17000}"
+START_TIMEOUT="${SEED_SLURM_START_TIMEOUT:-90}"
+STOP_TIMEOUT="${SEED_SLURM_STOP_TIMEOUT:-20}"
+NODES=(n1 n2 n3 n4)
+DB_USER=slurm
+DB_PASS=seed-local-slurm     # only reachable on 127.0.0.1, private throwaway instance
+MUNGE_SOCKET=/run/munge/munge.socket.2
+MUNGE_PIDFILE=/run/munge/munged.pid
+
+RUN="$STATE/run"
+LOG="$STATE/log"
+export SLURM_CONF="$STATE/slurm.conf"
+
+log() { echo "local_cluster: $*" >&2; }
+die() {
+    log "ERROR: $*"
+    log "logs are in $LOG/ (slurmctld.log, slurmd-n1.log..., slurmdbd.log, mariadb.log)"
+    exit 1
+}
+
+# --- process helpers -------------------------------------------------------------------------
+
+# pid_of PIDFILE: the pid in PIDFILE, or nothing (daemons remove their pid file as they exit)
+pid_of() { tr -dc '0-9' 2>/dev/null <"$1" || true; }
+
+# pid_is PID COMM: true when PID is a live (not zombie) process named COMM (guards against pid reuse)
+pid_is() {
+    local stat
+    [[ -n $1 && $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]] || return 1
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
+# alive PIDFILE COMM: true when the pid in PIDFILE is a live process named COMM
+alive() { pid_is "$(pid_of "$1")" "$2"; }
+
+# stop_pid PIDFILE COMM: SIGTERM, wait, SIGKILL after STOP_TIMEOUT; removes the pid file
+stop_pid() {
+    local pidfile=$1 comm=$2 pid i
+    pid=$(pid_of "$pidfile")
+    if ! pid_is "$pid" "$comm"; then
+        rm -f "$pidfile"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+        pid_is "$pid" "$comm" || break
+        sleep 0.1
+    done
+    if pid_is "$pid" "$comm"; then
+        log "$comm (pid $pid) did not exit after ${STOP_TIMEOUT}s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            pid_is "$pid" "$comm" || break
+            sleep 0.1
+        done
+    fi
+    rm -f "$pidfile"
+}
+
+# wait_until SECONDS DESCRIPTION CMD...: retry CMD every 0.25 s
+wait_until() {
+    local secs=$1 what=$2 deadline
+    shift 2
+    deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.25
+    done
+}
+
+tm() { timeout -k 2 "${T:-10}" "$@"; }   # every client call is bounded
+
+# --- configuration ---------------------------------------------------------------------------
+
+ensure_hosts() {
+    if ! grep -Eq '^127\.0\.0\.1([[:space:]].*)?[[:space:]]n1([[:space:]].*)?$' /etc/hosts ||
+        ! getent hosts n4 >/dev/null; then
+        log "adding '127.0.0.1 n1 n2 n3 n4' to /etc/hosts"
+        echo "127.0.0.1 n1 n2 n3 n4" >>/etc/hosts
+    fi
+}
+
+real_memory_mb() {
+    # Every node advertises (almost) all of the host's memory: they share it, and CR_CPU
+    # does not treat memory as consumable, so this only bounds what one job may ask for.
+    local kb
+    kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+    echo $((kb / 1024 - 1024))
+}
+
+write_configs() {
+    local tmp=$STATE/slurm.conf.new
+    cat >"$tmp" <<EOF
+# Generated by launch/local_cluster.sh: a 4-node SLURM cluster on one host (127.0.0.1 only).
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=localhost
+SlurmctldPort=$CTLD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job becomes eligible again after cred_expire (default 120 s).
+AuthInfo=cred_expire=10
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool/%n
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+MailProg=/bin/true
+MpiDefault=none
+# No cgroups here: track processes through /proc, no task binding, no usage sampling.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+ReturnToService=2
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=10
+MinJobAge=300
+JobRequeue=1
+# Accounting (sacct) through slurmdbd: submitit polls sacct for job states.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+JobCompType=jobcomp/none
+# Real preemption: a job in 'high' takes the nodes, a job in 'low' gets its --signal and is requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+NodeName=n[1-4] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((NODE_PORT_BASE + 1))-$((NODE_PORT_BASE + 4))] CPUs=4 RealMemory=$(real_memory_mb) State=UNKNOWN
+PartitionName=low Nodes=n[1-4] Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=30 MaxTime=INFINITE State=UP
+PartitionName=high Nodes=n[1-4] Default=NO PriorityTier=2 PreemptMode=OFF MaxTime=INFINITE State=UP
+EOF
+    if [[ -f $SLURM_CONF ]] && cmp -s "$tmp" "$SLURM_CONF"; then
+        rm -f "$tmp"
+    elif alive "$RUN/slurmctld.pid" slurmctld; then
+        log "WARNING: generated slurm.conf differs from the running one; keeping it (stop + start to apply)"
+        rm -f "$tmp"
+    else
+        mv "$tmp" "$SLURM_CONF"
+    fi
+
+    # slurmdbd reads slurmdbd.conf from the directory of SLURM_CONF; it must be mode 600.
+    (
+        umask 077
+        cat >"$STATE/slurmdbd.conf" <<EOF
+# Generated by launch/local_cluster.sh
+AuthType=auth/munge
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$RUN/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=$DB_USER
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+    )
+    chmod 600 "$STATE/slurmdbd.conf"
+}
+
+# --- daemons ---------------------------------------------------------------------------------
+
+munge_ok() { T=5 tm munge -n -S "$MUNGE_SOCKET" | T=5 tm unmunge -S "$MUNGE_SOCKET" >/dev/null; }
+
+start_munge() {
+    if munge_ok 2>/dev/null; then
+        return 0
+    fi
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        log "creating munge key /etc/munge/munge.key"
+        mkdir -p /etc/munge
+        mungekey --create --keyfile=/etc/munge/munge.key
+    fi
+    # munged refuses to run as root with the Debian file ownerships: run it as 'munge'.
+    chown munge:munge /etc/munge /etc/munge/munge.key
+    chmod 700 /etc/munge
+    chmod 600 /etc/munge/munge.key
+    mkdir -p /run/munge /var/log/munge /var/lib/munge
+    chown munge:munge /run/munge /var/log/munge /var/lib/munge
+    chmod 755 /run/munge
+    log "starting munged"
+    runuser -u munge -- munged 9>&- >>"$LOG/munged-start.log" 2>&1 || die "munged failed to start (see $LOG/munged-start.log, /var/log/munge/munged.log)"
+    wait_until 10 munged munge_ok || die "munged did not answer on $MUNGE_SOCKET"
+    # Remember that this script started it, so that stop stops it (and only then).
+    cp "$MUNGE_PIDFILE" "$RUN/munged.pid"
+}
+
+mysql_cli() { T=20 tm mariadb --no-defaults --socket="$RUN/mariadb.sock" -uroot "$@"; }
+
+start_mariadb() {
+    if alive "$RUN/mariadbd.pid" mariadbd; then
+        return 0
+    fi
+    if [[ ! -d $STATE/mariadb/mysql ]]; then
+        log "initialising MariaDB data dir $STATE/mariadb"
+        rm -rf "$STATE/mariadb"
+        T=120 tm mariadb-install-db --no-defaults --datadir="$STATE/mariadb" --user=root \
+            --auth-root-authentication-method=socket --skip-test-db \
+            >"$LOG/mariadb-install.log" 2>&1 || die "mariadb-install-db failed (see $LOG/mariadb-install.log)"
+    fi
+    log "starting mariadbd on 127.0.0.1:$DB_PORT"
+    # mariadbd does not daemonize: detach it into its own session.
+    setsid mariadbd --no-defaults --datadir="$STATE/mariadb" --user=root \
+        --bind-address=127.0.0.1 --port="$DB_PORT" --socket="$RUN/mariadb.sock" \
+        --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadb.log" --skip-name-resolve \
+        --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 --max-connections=100 \
+        </dev/null >>"$LOG/mariadb.log" 2>&1 9>&- &
+    wait_until 60 mariadb mysql_cli -e 'SELECT 1' || die "mariadbd did not come up (see $LOG/mariadb.log)"
+    mysql_cli -e "CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+        GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'127.0.0.1'; FLUSH PRIVILEGES;" ||
+        die "could not create the slurm database user"
+}
+
+sacctmgr_ok() { T=10 tm sacctmgr -n -P show cluster format=cluster; }
+
+start_slurmdbd() {
+    if ! alive "$RUN/slurmdbd.pid" slurmdbd; then
+        log "starting slurmdbd on port $DBD_PORT"
+        slurmdbd >>"$LOG/slurmdbd-start.log" 2>&1 9>&- || die "slurmdbd failed to start"
+    fi
+    wait_until 60 slurmdbd sacctmgr_ok || die "slurmdbd does not answer sacctmgr"
+    if ! T=10 tm sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER_NAME"; then
+        log "registering cluster '$CLUSTER_NAME' in accounting"
+        T=20 tm sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null || die "sacctmgr add cluster failed"
+    fi
+}
+
+start_slurmctld() {
+    if alive "$RUN/slurmctld.pid" slurmctld; then
+        return 0
+    fi
+    log "starting slurmctld on port $CTLD_PORT"
+    slurmctld >>"$LOG/slurmctld-start.log" 2>&1 9>&- || die "slurmctld failed to start"
+    wait_until 30 slurmctld ctld_ok || die "slurmctld does not answer scontrol ping"
+}
+
+ctld_ok() { T=5 tm scontrol ping | grep -q 'is UP'; }
+
+start_slurmds() {
+    local n
+    for n in "${NODES[@]}"; do
+        mkdir -p "$STATE/spool/$n"
+        if ! alive "$RUN/slurmd-$n.pid" slurmd; then
+            log "starting slurmd -N $n"
+            slurmd -N "$n" >>"$LOG/slurmd-start.log" 2>&1 9>&- || die "slurmd -N $n failed to start"
+        fi
+    done
+}
+
+# All nodes up (idle, or busy with jobs), none down/drained/not responding.
+nodes_ok() {
+    local out
+    out=$(T=5 tm sinfo -h -N -p low -o '%N %T') || return 1
+    [[ $(wc -l <<<"$out") -eq ${#NODES[@]} ]] || return 1
+    ! grep -Eqv ' (idle|mixed|allocated|completing)$' <<<"$out"
+}
+
+# Accounting knows the cluster and root's association in it (sacct/sacctmgr work).
+accounting_ok() {
+    T=10 tm sacctmgr -n -P show assoc cluster="$CLUSTER_NAME" user=root format=account | grep -q .
+}
+
+daemons_alive() {
+    local n
+    munge_ok 2>/dev/null || return 1
+    alive "$RUN/mariadbd.pid" mariadbd || return 1
+    alive "$RUN/slurmdbd.pid" slurmdbd || return 1
+    alive "$RUN/slurmctld.pid" slurmctld || return 1
+    for n in "${NODES[@]}"; do alive "$RUN/slurmd-$n.pid" slurmd || return 1; done
+}
+
+healthy() { daemons_alive && ctld_ok && nodes_ok && accounting_ok; }
+
+# --- commands --------------------------------------------------------------------------------
+
+need_root() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root (it starts munged/slurmd and edits /etc/hosts)"
+    local b
+    for b in munged mungekey mariadbd mariadb-install-db slurmdbd slurmctld slurmd sinfo sacctmgr; do
+        command -v "$b" >/dev/null || die "$b not found: run 'make setup' (apt packages slurmctld slurmd slurm-client munge slurmdbd mariadb-server)"
+    done
+}
+
+# The lock fd (9) is closed in every daemon started below (`9>&-`): a daemon that inherited
+# it would hold the lock for its whole life.
+lock() {
+    mkdir -p "$STATE"
+    exec 9>"$STATE/.lock"
+    flock -w 180 9 || die "another local_cluster.sh holds $STATE/.lock"
+}
+
+cmd_start() {
+    need_root
+    lock
+    mkdir -p "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool"
+    if [[ -f $SLURM_CONF ]] && healthy 2>/dev/null; then
+        log "already running and healthy (SLURM_CONF=$SLURM_CONF)"
+        return 0
+    fi
+    local t0=$SECONDS
+    ensure_hosts
+    write_configs
+    start_munge
+    start_mariadb
+    start_slurmdbd
+    start_slurmctld
+    start_slurmds
+    wait_until "$START_TIMEOUT" nodes nodes_ok || {
+        T=5 tm sinfo -N >&2 || true
+        die "nodes did not become idle within ${START_TIMEOUT}s"
+    }
+    wait_until 30 accounting accounting_ok || die "accounting has no association for root in cluster $CLUSTER_NAME"
+    log "up in $((SECONDS - t0)) s: 4 nodes n1..n4, partitions low (default) and high"
+    log "logs: $LOG/   config: $SLURM_CONF"
+    log "use it with: eval \"\$($(realpath "$0") env)\""
+}
+
+cmd_stop() {
+    [[ -d $STATE ]] || { log "not running (no $STATE)"; return 0; }
+    lock
+    local n stopped=0
+    for n in "${NODES[@]}"; do
+        if alive "$RUN/slurmd-$n.pid" slurmd; then stopped=1; fi
+        stop_pid "$RUN/slurmd-$n.pid" slurmd &
+    done
+    wait
+    for d in slurmctld slurmdbd mariadbd; do
+        if alive "$RUN/$d.pid" "$d"; then stopped=1; fi
+        stop_pid "$RUN/$d.pid" "$d"
+    done
+    # munged only when this script started it (and it is still that same process).
+    if [[ -s $RUN/munged.pid ]]; then
+        if [[ -s $MUNGE_PIDFILE ]] && cmp -s "$RUN/munged.pid" "$MUNGE_PIDFILE"; then
+            if alive "$RUN/munged.pid" munged; then stopped=1; fi
+            stop_pid "$RUN/munged.pid" munged
+        fi
+        rm -f "$RUN/munged.pid"
+    fi
+    if pgrep -x slurmstepd >/dev/null 2>&1; then
+        log "note: slurmstepd processes are still running (jobs that were not cancelled before stop)"
+    fi
+    if ((stopped)); then log "stopped"; else log "not running"; fi
+}
+
+cmd_status() {
+    if [[ ! -f $SLURM_CONF ]] || ! daemons_alive 2>/dev/null || ! ctld_ok 2>/dev/null; then
+        echo "local SLURM cluster: not running (state dir $STATE)"
+        return 3
+    fi
+    echo "local SLURM cluster: running (SLURM_CONF=$SLURM_CONF, logs in $LOG/)"
+    T=10 tm sinfo || true
+    T=10 tm squeue || true
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    env) echo "export SLURM_CONF=$SLURM_CONF" ;;
+    *)
+        echo "usage: $0 start|stop|status|env   (state dir: \$SEED_SLURM_DIR, default /tmp/seed-cluster-slurm)" >&2
+        exit 2
+        ;;
+esac
