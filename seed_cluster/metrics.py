@@ -17,8 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 class MetricsLogger:
     """Accumulates device tensors without syncing; `flush(step)` converts once per log interval."""
 
-    def __init__(self, log_dir: Optional[Path]):
-        self.writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
+    def __init__(self, log_dir: Optional[Path], purge_step: Optional[int] = None):
+        # purge_step: a resumed run hides the events an earlier attempt wrote at steps >= purge_step.
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if log_dir is not None else None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._data_wait = 0.0
