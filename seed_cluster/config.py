@@ -61,13 +61,14 @@ class TeacherConfig:
 
 
 HEAD_KINDS = ("mlp", "mlp_bn", "linear", "none")
-METHODS = ("seed", "mocov2")
+METHODS = ("seed", "seed_small_patch", "mocov2")
 
 
 @dataclass
 class MethodConfig:
     name: str = "seed"
-    """seed: distil a frozen teacher (Fang et al. 2021); mocov2: the paper's self-supervised baseline."""
+    """seed: distil a frozen teacher (Fang et al. 2021); seed_small_patch: SEED with 1 global + small crops
+    per image and a second queue for the small crops; mocov2: the paper's self-supervised baseline."""
     dim: int = 128
     """Embedding dimension of the heads and the queue."""
     queue_size: int = 65536
@@ -82,6 +83,15 @@ class MethodConfig:
     """MoCo-v2 key-encoder momentum."""
     bn_splits: int = 8
     """MoCo-v2: the key encoder sees the shuffled batch in this many BN groups (shuffle-BN within a rank)."""
+    global_recipe: str = "swav_global"
+    """seed_small_patch: augmentation recipe of the global view (its side is data.resolution)."""
+    small_recipe: str = "swav_small"
+    """seed_small_patch: augmentation recipe of the small crops."""
+    num_small_crops: int = 6
+    """seed_small_patch: small crops per image (the paper: 6)."""
+    small_crop_size: int = 0
+    """seed_small_patch: side of the small crops; 0 scales the paper's 96 px at 224 to data.resolution
+    (round(data.resolution x 96 / 224): 96 at 224, 14 at 32)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -94,6 +104,16 @@ class MethodConfig:
             _check(problems, value > 0, f"method.{key}={value} must be > 0")
         _check(problems, 0.0 <= self.momentum < 1.0, f"method.momentum={self.momentum} must be in [0, 1)")
         _check(problems, self.bn_splits >= 1, f"method.bn_splits={self.bn_splits} must be >= 1")
+        _check(problems, self.num_small_crops >= 1, f"method.num_small_crops={self.num_small_crops} must be >= 1")
+        _check(problems, self.small_crop_size >= 0,
+               f"method.small_crop_size={self.small_crop_size} must be >= 0 (0 = scaled from data.resolution)")
+        if self.name == "seed_small_patch":
+            from .augment import RECIPES  # torch-heavy: imported only when the recipes matter
+
+            for key in ("global_recipe", "small_recipe"):
+                value = getattr(self, key)
+                _check(problems, value in RECIPES,
+                       f"method.{key}={value!r} is not a recipe; use one of {', '.join(sorted(RECIPES))}")
         _raise_if(problems)
 
 
@@ -112,7 +132,10 @@ class DataConfig:
     decode_resolution: int = 256
     """FFCV decodes the largest centred square of each image to this side; crops are taken from it."""
     batch_size_per_rank: int = 256
-    """Images per process (per GPU) and step; the global batch is this x world size."""
+    """Images per process (per GPU) and step; the global batch is this x world size. Training always drops
+    the incomplete tail: each epoch's permutation is cut to a multiple of the world size (equal shards) and
+    each rank's shard to a multiple of this batch size (drop_last; every step has the same batch shape, so
+    the queue and BN see full batches). Evaluation never drops: every sample is scored once."""
     num_workers: int = 8
     """FFCV decoding threads per process (also torch's thread count on CPU)."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))

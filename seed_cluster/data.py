@@ -7,6 +7,15 @@ index, view). The epoch order is a permutation keyed by (seed, epoch), split acr
 ranks, so the stream is a pure function of its position (epoch, batches consumed):
 a loader can start anywhere in an epoch without decoding what it skips.
 
+Views: a method asks for `num_views` views of `data.recipe` at `data.resolution`, or for a
+list of `ViewSpec` (recipe, side) — multi-crop, e.g. 1 global + 6 small crops for SEED's
+small-patch variant. All views of an image come from the same decoded square; view `v`
+is keyed by view index `v`, whatever its recipe or size.
+
+Order: training drops the incomplete tail (the permutation is cut to a multiple of the
+world size, each rank's shard to a multiple of the batch size), so every step has the same
+batch shape on every rank; evaluation reads every sample once, in file order.
+
 Note: cropping from the centred square instead of the full image narrows the crop
 distribution slightly for non-square photos (corners outside the square never appear).
 """
@@ -22,8 +31,8 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import Squeeze, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
 
 from .augment import augment, center_view, get_recipe
 from .config import DataConfig
@@ -40,6 +49,14 @@ def check_dataset(path: str, key: str) -> dict:
         return check_beton(path)
     except DataError as e:
         raise DataError(f"{key}: {e}") from e
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view per image: an augmentation recipe (`seed_cluster.augment.RECIPES`) and the view's side."""
+
+    recipe: str
+    size: int
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
@@ -67,7 +84,8 @@ class _PositionedOrder(TraversalOrder):
     def sample_order(self, epoch: int) -> Sequence[int]:
         s = self.stream
         order = epoch_order(len(self.indices), seed=s.seed, epoch=s.epoch, rank=s.rank, world_size=s.world_size)
-        return order[s.batches_consumed * s.batch_size:]
+        # Only the batches still to come are handed to FFCV: skipped ones are never read nor decoded.
+        return order[s.batches_consumed * s.batch_size: s.steps_per_epoch * s.batch_size]
 
 
 def _pipelines(decode_resolution: int) -> dict:
@@ -84,27 +102,41 @@ class Batch:
     """Augmented, normalised float views [B, 3, R, R] on the device, one per view index."""
     labels: torch.Tensor
     indices: torch.Tensor
+    """Dataset sample indices [B] on the device: with `epoch` and the view index, the key of every view."""
+    epoch: int = 0
 
 
 class TrainStream:
     """An endless stream of batches whose position is (epoch, batches_consumed) and nothing else."""
 
-    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, num_views: int,
-                 device: torch.device):
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                 num_views: int | Sequence[ViewSpec] = 1, device: torch.device):
+        """`num_views`: a count (that many views of data.recipe at data.resolution) or one ViewSpec per view
+        (multi-crop methods expose theirs as `method.num_views`). Raises DataError (one line, naming
+        data.train) when the .beton is missing, truncated or not this project's format."""
         manifest = check_dataset(cfg.train, "data.train")
         self.cfg = cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_views, self.device = num_views, device
+        self.device = device
+        if isinstance(num_views, int):
+            num_views = [ViewSpec(cfg.recipe, cfg.resolution)] * num_views
+        self.view_specs = tuple(num_views)
+        self.num_views = len(self.view_specs)
+        self.recipes = [get_recipe(v.recipe) for v in self.view_specs]
         self.batch_size = cfg.batch_size_per_rank
-        self.recipe = get_recipe(cfg.recipe)
         self.epoch = 0
         self.batches_consumed = 0
+        self.num_samples = int(manifest["num_samples"])
+        self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"data.train={cfg.train} has {self.num_samples} samples, fewer than one batch of "
+                            f"data.batch_size_per_rank={self.batch_size} per rank x {world_size} ranks; "
+                            "lower the batch size")
         self.loader = Loader(cfg.train, batch_size=self.batch_size, num_workers=cfg.num_workers,
                              order=_PositionedOrder(self), pipelines=_pipelines(cfg.decode_resolution),
                              drop_last=True, os_cache=cfg.os_cache, seed=seed)
-        self.num_samples = self.loader.reader.num_samples
+        assert self.loader.reader.num_samples == self.num_samples, "manifest and .beton disagree"
         self.manifest = manifest
-        self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
 
     # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -117,17 +149,21 @@ class TrainStream:
             logger.warning("world size changed from %d to %d mid-epoch: skipping the rest of epoch %d",
                            state["world_size"], self.world_size, self.epoch)
             self.epoch, self.batches_consumed = self.epoch + 1, 0
+        if self.batches_consumed >= self.steps_per_epoch:  # saved right after an epoch's last batch
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
 
     # -- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            for images, labels, indices in self.loader:
-                indices = indices.to(self.device, non_blocking=True)
+            if self.batches_consumed >= self.steps_per_epoch:
+                self.epoch, self.batches_consumed = self.epoch + 1, 0
+            for images, labels, indices in self.loader:  # FFCV reuses these buffers: views are new tensors
                 images = images.to(self.device, non_blocking=True)
-                views = [augment(images, indices, seed=self.seed, epoch=self.epoch, view=v, recipe=self.recipe,
-                                 size=self.cfg.resolution, mean=self.cfg.mean, std=self.cfg.std)
-                         for v in range(self.num_views)]
-                batch = Batch(views=views, labels=labels.to(self.device).clone(), indices=indices.clone())
+                views = [augment(images, indices, seed=self.seed, epoch=self.epoch, view=v, recipe=recipe,
+                                 size=spec.size, mean=self.cfg.mean, std=self.cfg.std)
+                         for v, (spec, recipe) in enumerate(zip(self.view_specs, self.recipes, strict=True))]
+                batch = Batch(views=views, labels=labels.to(self.device).clone(),
+                              indices=indices.to(self.device).clone(), epoch=self.epoch)
                 self.batches_consumed += 1
                 yield batch
             self.epoch, self.batches_consumed = self.epoch + 1, 0

@@ -1,4 +1,4 @@
-"""Training methods: SEED distillation and its self-supervised baseline MoCo-v2.
+"""Training methods: SEED distillation, its small-patch variant, and the self-supervised baseline MoCo-v2.
 
 A method owns the parts of the model that are not trained by the optimizer
 directly (teacher or key encoder, queue) and computes one step's loss. The
@@ -22,7 +22,8 @@ class StepOutput:
     loss: torch.Tensor
     """Scalar fp32 loss (with grad)."""
     keys: torch.Tensor
-    """Embeddings to enqueue after the optimizer step: the teacher's (SEED) or the key encoder's (MoCo)."""
+    """Embeddings to enqueue after the optimizer step: the teacher's (SEED) or the key encoder's (MoCo);
+    seed_small_patch stacks its two queues' rows as [2, B, D]."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     """Device tensors for logging (queue entropies, agreement, ...); filled on log steps only."""
 
@@ -36,4 +37,9 @@ def build_method(cfg: TrainConfig):
         return MoCoV2(student, cfg.method)
     from ..teachers import load_teacher
 
-    return SEED(student, load_teacher(cfg.teacher, cfg.method.dim), cfg.method)
+    teacher = load_teacher(cfg.teacher, cfg.method.dim)
+    if cfg.method.name == "seed_small_patch":
+        from .small_patch import SEEDSmallPatch
+
+        return SEEDSmallPatch(student, teacher, cfg.method, resolution=cfg.data.resolution)
+    return SEED(student, teacher, cfg.method)
