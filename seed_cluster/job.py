@@ -3,6 +3,12 @@
 It lives in the library (submitit pickles it and the callable must be importable).
 It carries only the resolved config: what to resume from is found when the job
 starts, by listing the run directory, never baked into the pickle.
+
+Signals: submitit installs its USR2 handler (checkpoint + requeue) before calling the
+job. `TrainJob.__call__` replaces it at once with `Preemption.on_signal`, which only sets
+a flag; the trainer acts on the flag at a step boundary (collective save) and then hands
+the signal back to submitit's handler on global rank 0, which calls `checkpoint()` below
+and runs `scontrol requeue`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import submitit
 
 from .config import TrainConfig, run_dir
 from .distributed import DistEnv, init_process_group
-from .errors import SeedClusterError
+from .errors import ConfigError, SeedClusterError
+from .preemption import Preemption
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict[str, float]]:
+        preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
         from .trainer import Trainer  # heavy imports (ffcv, timm) only inside the job
 
         env = DistEnv.detect()
@@ -45,13 +53,23 @@ class TrainJob(submitit.helpers.Checkpointable):
             if self.cfg.device == "cpu":
                 backend = "gloo"
             init_process_group(env, directory / ".rendezvous", backend)
-            trainer = Trainer(self.cfg, env)
+            trainer = Trainer(self.cfg, env, preemption)
             result = trainer.train()
         except SeedClusterError as e:
             # One line in the log, then fail the task: the user's input is wrong, retrying won't help.
             logger.error("%s", e)
             raise
+        finally:
+            preemption.uninstall()
         return result if env.rank == 0 else None
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on global rank 0 after the trainer's collective save: requeue the same job.
+
+        Only the config travels; the requeued job finds its checkpoint by listing the run directory.
+        """
+        logger.info("requeueing %s", run_dir(self.cfg))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
 
 
 def _cuda_available() -> bool:
@@ -90,4 +108,31 @@ def executor_for(cfg: TrainConfig, folder: Path) -> submitit.Executor:
         # Each rank gets its share of the cores for torch's and FFCV's threads.
         os.environ.setdefault("OMP_NUM_THREADS", str(c.cpus_per_task))
         return executor
-    raise NotImplementedError("cluster=slurm is built by the SLURM launcher issue")
+    if c.timeout_min < 1:
+        raise ConfigError(f"cluster.timeout_min={c.timeout_min} must be >= 1 (SLURM time limits are in minutes)")
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=c.max_num_timeout)
+    executor.update_parameters(**slurm_parameters(cfg))
+    return executor
+
+
+def slurm_parameters(cfg: TrainConfig) -> dict:
+    """submitit SlurmExecutor parameters for cfg (names as sbatch spells them, via submitit)."""
+    c = cfg.cluster
+    params = {
+        "job_name": cfg.name,
+        "nodes": cfg.nodes,
+        "ntasks_per_node": c.tasks_per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "time": c.timeout_min,
+        "signal_delay_s": c.signal_delay_s,
+        "use_srun": True,  # the USR2 reaches Python only through a job step
+        # One rank dying (kill -9, OOM) ends the whole step instead of leaving the others blocked.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # Each rank's share of the cores for torch's and FFCV's threads.
+        "setup": [f"export OMP_NUM_THREADS={c.cpus_per_task}", *c.setup],
+    }
+    optional = {"gpus_per_node": c.gpus_per_node or None, "mem": f"{c.mem_gb}GB" if c.mem_gb else None,
+                "partition": c.partition, "qos": c.qos, "account": c.account, "constraint": c.constraint,
+                "additional_parameters": dict(c.additional_parameters) or None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params

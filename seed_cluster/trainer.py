@@ -6,7 +6,6 @@ checkpoints, metrics) is a component with one job, built once in `__init__`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -14,6 +13,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,9 +29,13 @@ from .distributed import DistEnv, all_reduce_max, is_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .methods import StepOutput, build_method
 from .metrics import MetricsLogger
+from .preemption import NO_SIGNAL, Preemption, RequeueLoopError, RestartGuard
 from .schedule import learning_rate
 
 logger = logging.getLogger(__name__)
+
+MAX_STARTS_FROM_SAME_STEP = 3
+"""Consecutive starts from one checkpoint after which a run refuses to go on (see RestartGuard)."""
 
 
 @dataclass
@@ -40,6 +44,8 @@ class TrainState:
     """Optimizer steps taken so far (the schedule's only state)."""
     restarts: int = 0
     """How many times this run has been resumed from a checkpoint."""
+    preemptions: int = 0
+    """How many times it saved and stopped on a preemption or time-out signal."""
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -94,9 +100,16 @@ class Trainer:
     state: TrainState
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    """Opened by `train()` after the restore, so that a resumed run continues the same event stream."""
+    # fault tolerance
+    preemption: Preemption
+    resumed_from_signal: Optional[float]
+    """Wall-clock time of the signal that stopped the previous attempt (None unless resumed after one)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, preemption: Optional[Preemption] = None):
         self.cfg, self.env = cfg, env
+        self.preemption = preemption or Preemption()
+        self.resumed_from_signal = None
         self.device = pick_device(cfg.device, env.local_rank)
         self.run_dir = run_dir(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
@@ -111,7 +124,6 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.method.student.parameters(), lr=self.derived.lr,
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
         self.state = TrainState()
-        self.metrics = MetricsLogger(self.run_dir / "tensorboard" if env.rank == 0 else None)
         torch.manual_seed(cfg.seed * 1000 + env.rank)  # per-rank stream for in-step randomness
         self.bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and self.device.type == "cuda")
 
@@ -124,6 +136,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         self.restore()
+        self.open_metrics()
         self.log_startup()
         total = self.derived.total_steps
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.env.rank == 0 and self.cfg.logging.progress_bar),
@@ -144,9 +157,13 @@ class Trainer:
                 last = self.log()
                 bar.set_postfix(loss=f"{last['loss/train']:.4f}", img_s=f"{last['throughput/images_per_s']:.0f}")
             bar.update(1)
+            if self.resumed_from_signal is not None:
+                self.log_time_lost()
             if self.state.step % self.cfg.checkpoint.every_steps == 0 or self.state.step == total:
                 self.check_finite(out.loss)
                 self.save()
+            if self.state.step < total and (decision := self.preemption.agree()) != NO_SIGNAL:
+                self.stop(decision, out.loss)  # saves, then requeues (rank 0) or exits: never returns
         bar.close()
         self.metrics.close()
         return last
@@ -186,6 +203,32 @@ class Trainer:
                  "progress/restarts": float(self.state.restarts)}
         return self.metrics.flush(self.state.step, extra)
 
+    # -- preemption -------------------------------------------------------------------------------------
+    def stop(self, decision: int, loss: torch.Tensor) -> None:
+        """Every rank, at the same step boundary: one collective save of this exact step, then leave."""
+        logger.info("stopping at step %d on a signal received %.1f s ago", self.state.step,
+                    self.preemption.lost_since_signal() or 0.0)
+        self.check_finite(loss)  # never checkpoint a NaN: the job fails here instead of requeueing it
+        self.state.preemptions += 1
+        self.save()  # also when the periodic save just wrote this step: this one records the signal
+        self.metrics.close()
+        self.preemption.requeue_or_exit(decision, self.env.rank, self.state.step)
+
+    def log_time_lost(self) -> None:
+        """After the first step of a resumed attempt: seconds from the previous attempt's signal until now."""
+        lost = time.time() - self.resumed_from_signal
+        self.resumed_from_signal = None
+        logger.info("first step after the preemption: %.1f s lost since the signal", lost)
+        if self.metrics.writer is not None:
+            self.metrics.writer.add_scalar("preemption/time_lost_s", lost, self.state.step)
+            self.metrics.writer.add_scalar("preemption/count", self.state.preemptions, self.state.step)
+
+    def open_metrics(self) -> None:
+        """TensorBoard on rank 0. A resumed run hides what an earlier attempt logged after the checkpoint
+        (`purge_step`), so the step axis stays continuous: no duplicate and no missing steps."""
+        directory = self.run_dir / "tensorboard" if self.env.rank == 0 else None
+        self.metrics = MetricsLogger(directory, purge_step=self.state.step + 1 if self.state.step else None)
+
     # -- checkpoints ------------------------------------------------------------------------------------
     def save(self) -> None:
         rng = [None] * self.env.world_size
@@ -201,6 +244,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "data": self.data.state_dict(),
                 "rng": rng,
+                "scaler": None,  # bf16 autocast needs no loss scaling (fp16, which would, is not offered)
+                "preemption": {"signal_at": self.preemption.received_at, "signals": self.preemption.count,
+                               "saved_at": time.time()} if self.preemption.received_at else None,
                 "config": to_dict(self.cfg),
                 "config_hash": config_hash(self.cfg),
                 "teacher_fingerprint": getattr(getattr(self.method, "teacher", None), "fingerprint", None),
@@ -233,8 +279,38 @@ class Trainer:
         self.state.restarts += 1
         if len(ckpt["rng"]) == self.env.world_size:
             set_rng_state(ckpt["rng"][self.env.rank])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
-                    self.data.epoch, self.data.batches_consumed)
+        else:
+            self.continue_on_new_world_size(ckpt)
+        if ckpt.get("preemption"):
+            self.resumed_from_signal = ckpt["preemption"]["signal_at"]
+        logger.info("resumed from %s at step %d (epoch %d, batch %d, restart %d)", path, self.state.step,
+                    self.data.epoch, self.data.batches_consumed, self.state.restarts)
+        self.refuse_requeue_loop(ckpt["step"])
+
+    def continue_on_new_world_size(self, ckpt: dict) -> None:
+        """A checkpoint from another world size: `self.data` already moved to the next epoch boundary.
+
+        Training by epochs, the step is re-counted in steps of the new global batch (epoch x steps per
+        epoch), so the lr schedule continues at the same fraction of the run; with optim.max_steps the
+        step is kept. The per-rank RNG streams restart from their seeds (every augmentation is keyed
+        by sample and epoch, not by these streams).
+        """
+        old = ckpt["data"]["world_size"]
+        if self.cfg.optim.max_steps is None:
+            self.state.step = self.data.epoch * self.derived.steps_per_epoch
+        logger.warning("world size changed from %d to %d: continuing at epoch %d, step %d (global batch %d, "
+                       "lr %.4g)", old, self.env.world_size, self.data.epoch, self.state.step,
+                       self.derived.global_batch, self.derived.lr)
+
+    def refuse_requeue_loop(self, step: int) -> None:
+        """Fail (instead of being requeued again and again) when starts keep resuming from the same step."""
+        count = RestartGuard(self.run_dir / "restarts.json").record(step) if self.env.rank == 0 else 0
+        if all_reduce_max(count) > MAX_STARTS_FROM_SAME_STEP:  # every rank raises, none waits on rank 0
+            raise RequeueLoopError(
+                f"this run has started {MAX_STARTS_FROM_SAME_STEP + 1} times in a row from the checkpoint of "
+                f"step {step} without saving a later one: it keeps failing or being stopped before it makes "
+                f"progress; read the earlier attempts' logs, fix the cause, then delete "
+                f"{self.run_dir / 'restarts.json'} to allow new attempts")
 
     def log_startup(self) -> None:
         d = self.derived
