@@ -24,7 +24,7 @@ import submitit
 
 from .config import TrainConfig, run_dir
 from .distributed import DistEnv, init_process_group
-from .errors import ConfigError, SeedClusterError
+from .errors import SeedClusterError
 from .preemption import Preemption
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,6 @@ def executor_for(cfg: TrainConfig, folder: Path) -> submitit.Executor:
         # Each rank gets its share of the cores for torch's and FFCV's threads.
         os.environ.setdefault("OMP_NUM_THREADS", str(c.cpus_per_task))
         return executor
-    if c.timeout_min < 1:
-        raise ConfigError(f"cluster.timeout_min={c.timeout_min} must be >= 1 (SLURM time limits are in minutes)")
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=c.max_num_timeout)
     executor.update_parameters(**slurm_parameters(cfg))
     return executor

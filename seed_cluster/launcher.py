@@ -115,6 +115,9 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.cluster.backend == "slurm" and shutil.which("sbatch") is None:
         problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
                         "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
+    if cfg.cluster.backend == "slurm" and cfg.cluster.timeout_min < 1:
+        problems.append(f"cluster.timeout_min={cfg.cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
+                        "minutes)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -133,13 +136,20 @@ def _writable(directory: Path) -> None:
 
 def submit(cfg: TrainConfig):
     """Submit (or, locally, start) the training job; returns the submitit Job."""
+    from submitit.core.utils import FailedJobError
+
     from .job import TrainJob, executor_for
 
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     executor = executor_for(cfg, directory / "submitit")
-    return executor.submit(TrainJob(cfg))
+    try:
+        return executor.submit(TrainJob(cfg))
+    except FailedJobError as e:  # sbatch refused: say why in one line (no submitit traceback)
+        reason = " ".join(str(e).split()) or "no reason given"
+        raise ConfigError(f"sbatch failed: {reason}; check the cluster.* settings and `sinfo` (for the local "
+                          "test cluster: launch/local_cluster.sh status)") from None
 
 
 def main(argv: Sequence[str]) -> int:
