@@ -129,8 +129,9 @@ def slurm_parameters(cfg: TrainConfig) -> dict:
         # Each rank's share of the cores for torch's and FFCV's threads.
         "setup": [f"export OMP_NUM_THREADS={c.cpus_per_task}", *c.setup],
     }
+    # --requeue: a preempted job is requeued rather than cancelled, even where JobRequeue=0.
     optional = {"gpus_per_node": c.gpus_per_node or None, "mem": f"{c.mem_gb}GB" if c.mem_gb else None,
                 "partition": c.partition, "qos": c.qos, "account": c.account, "constraint": c.constraint,
-                "additional_parameters": dict(c.additional_parameters) or None}
+                "additional_parameters": {"requeue": True, **c.additional_parameters}}
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
