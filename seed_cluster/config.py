@@ -43,24 +43,41 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
+    """A frozen teacher: its architecture, projection head and weights. conf/teacher/ holds one preset per
+    teacher of the SEED release (and generic entries); `python -m seed_cluster.teachers inspect FILE` says
+    which one a file fits."""
+
     arch: str = "resnet50"
-    """Backbone: timm model name or a small convnet."""
+    """Backbone: timm model name, SwAV's swav_resnet50 / swav_resnet50w2 / w4 / w5, or a small convnet."""
     head: str = "mlp"
-    """Projection head: mlp (Linear-ReLU-Linear), mlp_bn (Linear-BN-ReLU-Linear), linear, none."""
+    """Projection head: mlp (Linear-ReLU-Linear), mlp_bn (Linear-BN-ReLU-Linear), linear, mocov3, dino, none
+    (see seed_cluster.models.build_head)."""
     hidden_dim: int = 0
-    """Hidden width of an mlp head; 0 means the backbone's feature width."""
+    """Hidden width of the head; 0 means the backbone's feature width."""
+    dim: int = 0
+    """Embedding dimension the head outputs; 0 means method.dim. Must equal method.dim when set."""
+    format: str = "auto"
+    """Checkpoint layout the file must have: auto (detected from the contents) or one of
+    seed_cluster.teachers.FORMATS (mocov1, mocov2, swav, simclr, dino, mocov3, plain, seed, seed-cluster)."""
+    top1: Optional[float] = None
+    """Published ImageNet linear-evaluation top-1 of this teacher (%, informational)."""
     checkpoint: Optional[str] = None
-    """Weights: a plain state dict or a checkpoint this project wrote. None = random (smoke tests only)."""
+    """Weights: a released file in any supported layout, a checkpoint this project wrote, or a run directory.
+    None = random weights (smoke tests only)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         _check(problems, self.head in HEAD_KINDS,
                f"teacher.head={self.head!r} is not a head kind; use one of {', '.join(HEAD_KINDS)}")
         _check(problems, self.hidden_dim >= 0, f"teacher.hidden_dim={self.hidden_dim} must be >= 0")
+        _check(problems, self.dim >= 0, f"teacher.dim={self.dim} must be >= 0 (0 = method.dim)")
+        _check(problems, self.format in TEACHER_FORMATS,
+               f"teacher.format={self.format!r} is not a checkpoint format; use one of {', '.join(TEACHER_FORMATS)}")
         _raise_if(problems)
 
 
-HEAD_KINDS = ("mlp", "mlp_bn", "linear", "none")
+HEAD_KINDS = ("mlp", "mlp_bn", "linear", "mocov3", "dino", "none")
+TEACHER_FORMATS = ("auto", "mocov1", "mocov2", "swav", "simclr", "dino", "mocov3", "plain", "seed", "seed-cluster")
 METHODS = ("seed", "seed_small_patch", "mocov2")
 
 

@@ -2,7 +2,9 @@
 
 SEED's student head is Linear(d, d) - ReLU - Linear(d, dim) without BN (official
 code, `SEED/models`), d being the backbone's feature width; MoCo-v2 uses the same
-MLP. The embedding an `Encoder` returns is L2-normalised.
+MLP. Teachers bring their own heads (`build_head` kinds, DESIGN.md §3). The
+embedding an `Encoder` returns is L2-normalised. Backbones: timm models, SwAV's
+(wide) ResNet-50 (`swav_resnet.py`) and small convnets for tiny images.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .swav_resnet import SWAV_WIDTHS, swav_resnet
 
 # Small plain convnets (six conv-BN-ReLU blocks, downsampling by 2 at blocks 2, 4 and 6):
 # on 28-32 px images they learn in a few hundred steps where ImageNet-stem timm models
@@ -51,16 +54,34 @@ def feature_width(backbone: nn.Module) -> int:
 
 def build_backbone(arch: str, key: str = "student.arch") -> nn.Module:
     """A feature extractor mapping images to [N, feature_width(backbone)]."""
+    check_arch(arch, key)
     if arch in SMALL_CONVNETS:
         return SmallConvNet(SMALL_CONVNETS[arch])
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models() + list(SMALL_CONVNETS), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('<pattern>')"
-        raise ConfigError(f"{key}={arch!r} is neither a timm model nor one of {', '.join(SMALL_CONVNETS)}; {hint}")
+    if arch in SWAV_WIDTHS:
+        return swav_resnet(arch)
     return timm.create_model(arch, pretrained=False, num_classes=0)
 
 
+def check_arch(arch: str, key: str = "student.arch") -> None:
+    """Raise a one-line ConfigError unless `arch` names a backbone `build_backbone` can build (builds nothing)."""
+    if arch in SMALL_CONVNETS or arch in SWAV_WIDTHS or timm.is_model(arch):
+        return
+    ours = list(SMALL_CONVNETS) + list(SWAV_WIDTHS)
+    close = difflib.get_close_matches(arch, timm.list_models() + ours, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('<pattern>')"
+    raise ConfigError(f"{key}={arch!r} is neither a timm model nor one of {', '.join(ours)}; {hint}")
+
+
 def build_head(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Projection heads, named after the methods whose released weights they hold (indices as saved):
+    mlp       Linear-ReLU-Linear                      SEED student, MoCo-v2 (fc.0/fc.2), SwAV w5 (no BN)
+    mlp_bn    Linear-BN-ReLU-Linear                   SwAV (projection_head.0/1/3), SimCLR re-impl. (fc.0/1/3)
+    linear    Linear                                  MoCo-v1 (fc)
+    mocov3    Linear(no bias)-BN-ReLU-Linear(no bias)-BN(affine=False)   MoCo-v3 ResNet projector (fc.0/1/3/4)
+    dino      Linear-GELU-Linear-GELU-Linear          DINO head's MLP to its bottleneck (head.mlp.0/2/4; the
+                                                     weight-normalised last layer is not part of the embedding)
+    none      identity: the embedding is the backbone feature
+    """
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
     if kind == "mlp_bn":
@@ -68,9 +89,16 @@ def build_head(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Modu
                              nn.Linear(hidden_dim, out_dim))
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
+    if kind == "mocov3":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                             nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False),
+                             nn.BatchNorm1d(out_dim, affine=False))
+    if kind == "dino":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                             nn.Linear(hidden_dim, out_dim))
     if kind == "none":
         return nn.Identity()
-    raise ConfigError(f"head kind {kind!r} is unknown; use mlp, mlp_bn, linear or none")
+    raise ConfigError(f"head kind {kind!r} is unknown; use mlp, mlp_bn, linear, mocov3, dino or none")
 
 
 class Encoder(nn.Module):
