@@ -125,7 +125,7 @@ def test_load_teacher_from_an_encoder_state_dict_reproduces_the_source(tmp_path,
     teacher = load_teacher(_cfg(path), DIM)
     x = _images()
     assert torch.equal(teacher(x), _reference_output(source, x))
-    assert teacher.fingerprint == file_fingerprint(path)
+    assert teacher.fingerprint.startswith("sha256:") and teacher.format == "plain"
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -159,7 +159,8 @@ def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
     teacher = load_teacher(_cfg(run), DIM)
     x = _images()
     assert torch.equal(teacher(x), _reference_output(newest_source, x))
-    assert teacher.fingerprint == file_fingerprint(newest)
+    assert teacher.fingerprint == load_teacher(_cfg(newest), DIM).fingerprint
+    assert teacher.format == "seed-cluster"
 
 
 def test_a_run_directory_without_checkpoints_raises_teacher_error(tmp_path):
@@ -214,7 +215,7 @@ def test_garbage_teacher_file_raises_one_line_teacher_error(tmp_path, content):
 def test_a_pickle_that_is_not_a_state_dict_raises_teacher_error(tmp_path):
     path = tmp_path / "dict.pth"
     torch.save({"epoch": 3, "arch": "resnet50"}, path)
-    with pytest.raises(TeacherError, match="not a state dict"):
+    with pytest.raises(TeacherError, match="not a state dict nor a checkpoint layout"):
         load_teacher(_cfg(path), DIM)
 
 
@@ -224,11 +225,14 @@ def test_no_checkpoint_gives_a_random_teacher_with_a_non_file_fingerprint():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_fingerprint_differs_between_files_and_is_stable_for_one(tmp_path):
-    a, b, a_copy = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "a_copy.pth"
+def test_fingerprint_hashes_loaded_tensors_and_head_not_file_bytes(tmp_path):
+    a, a_prefixed, b = tmp_path / "a.pth", tmp_path / "a_module.pth", tmp_path / "b.pth"
     torch.save(_source_encoder(7).state_dict(), a)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in _source_encoder(7).state_dict().items()}}, a_prefixed)
     torch.save(_source_encoder(8).state_dict(), b)
-    a_copy.write_bytes(a.read_bytes())
-    assert file_fingerprint(a) != file_fingerprint(b)
-    assert file_fingerprint(a) == file_fingerprint(a_copy) == file_fingerprint(a)
-    assert file_fingerprint(a).startswith("sha256:")
+    assert file_fingerprint(a) != file_fingerprint(a_prefixed)  # other bytes ...
+    fp = load_teacher(_cfg(a), DIM).fingerprint
+    assert fp == load_teacher(_cfg(a_prefixed), DIM).fingerprint  # ... same weights, same teacher
+    assert fp == load_teacher(_cfg(a), DIM).fingerprint
+    assert fp != load_teacher(_cfg(b), DIM).fingerprint
+    assert fp.startswith("sha256:")
