@@ -380,11 +380,22 @@ class TeacherFile:
 
 
 def _describe_ignored(ignored: list[str]) -> str:
-    groups: dict[str, int] = {}
+    """Ignored keys grouped by their first name, each group shown by its longest common dotted prefix."""
+    groups: dict[str, list[list[str]]] = {}
     for key in ignored:
-        stem = key.split(".")[0]
-        groups[stem] = groups.get(stem, 0) + 1
-    return ", ".join(f"{stem}.* ({n})" if n > 1 else stem for stem, n in groups.items())
+        groups.setdefault(key.split(".")[0], []).append(key.split("."))
+    parts = []
+    for members in groups.values():
+        if len(members) == 1:
+            parts.append(".".join(members[0]))
+            continue
+        common = []
+        for names in zip(*members, strict=False):
+            if len(set(names)) > 1:
+                break
+            common.append(names[0])
+        parts.append(f"{'.'.join(common)}.* ({len(members)})")
+    return ", ".join(parts)
 
 
 def open_teacher_file(cfg: TeacherConfig, dim: int) -> TeacherFile:
