@@ -35,6 +35,7 @@ def setup_logging(env: DistEnv) -> None:
     fmt = f"%(asctime)s [rank {env.rank} job {env.job_id}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, format=fmt,
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.getLogger("submitit").propagate = False  # it has its own handler: print its lines once
 
 
 class TrainJob(submitit.helpers.Checkpointable):
