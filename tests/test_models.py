@@ -137,3 +137,36 @@ def test_paper_student_preset_builds_and_embeds(preset, arch, d):
         z = student(_images(1, side=64))
     assert z.shape == (1, cfg.method.dim)
     assert torch.allclose(z.norm(dim=1), torch.ones(1), atol=1e-5)
+
+
+# -- teacher backbones and heads ---------------------------------------------------------------------------
+
+def test_swav_backbones_mirror_swav_module_names_and_widen_every_layer_including_the_stem():
+    from seed_cluster.swav_resnet import SwAVResNet50
+
+    with torch.device("meta"):
+        w1, w2 = build_backbone("swav_resnet50", "teacher.arch"), build_backbone("swav_resnet50w2", "teacher.arch")
+    assert isinstance(w1, SwAVResNet50) and isinstance(w1.padding, nn.ConstantPad2d) and w1.conv1.padding == (2, 2)
+    assert list(w1.state_dict()) == list(w2.state_dict())  # same names as SwAV's resnet50.py (minus head, prototypes)
+    assert w2.conv1.weight.shape == (128, 3, 7, 7) and w2.layer1[0].conv1.weight.shape == (128, 128, 1, 1)
+    assert (w1.num_features, w2.num_features) == (2048, 4096)
+
+
+@pytest.mark.parametrize("kind,types", [
+    ("mocov3", [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]),
+    ("dino", [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]),
+])
+def test_teacher_only_head_kinds(kind, types):
+    head = build_head(kind, 32, 64, 8).eval()
+    assert [type(m) for m in head] == types
+    assert head(torch.randn(5, 32)).shape == (5, 8)
+    if kind == "mocov3":
+        assert head[0].bias is None and head[3].bias is None and not head[4].affine
+
+
+def test_check_arch_accepts_swav_names_and_rejects_typos_without_building():
+    from seed_cluster.models import check_arch
+
+    check_arch("swav_resnet50w5", "teacher.arch")
+    with pytest.raises(ConfigError, match="swav_resnet50w2"):
+        check_arch("swav_resnet50w3", "teacher.arch")
