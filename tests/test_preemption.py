@@ -207,3 +207,41 @@ def test_a_run_that_keeps_restarting_from_one_checkpoint_fails_with_one_line(fmn
         trainer.restore()
     with pytest.raises(RequeueLoopError, match="times in a row from the checkpoint of step 2"):
         Trainer(cfg, DistEnv.detect()).restore()
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_continues_at_the_next_epoch_boundary(fmnist_small, tmp_path,
+                                                                           submitit_handler):
+    from conftest import run_launcher
+
+    from seed_cluster.trainer import Trainer
+
+    # One rank: 62 steps per epoch; stopped (SIGTERM) at step 70 = epoch 1, batch 8.
+    common = ["optim.epochs=3", "optim.warmup_epochs=1", "checkpoint.every_steps=1000"]
+    preemption = Preemption().install()
+    trainer = Trainer(tiny(fmnist_small, tmp_path / "run", *common), DistEnv.detect(), preemption)
+    step_fn = trainer.train_step
+
+    def step_then_signal(batch, with_stats=False):
+        out = step_fn(batch, with_stats)
+        if trainer.state.step + 1 == 70:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(SystemExit):
+        trainer.train()
+    preemption.uninstall()
+    assert final_state(tmp_path / "run")["data"] == {"epoch": 1, "batches_consumed": 8, "world_size": 1}
+
+    # Two ranks (31 steps per epoch): the rest of epoch 1 is skipped, epoch 2 is step 62..93.
+    result = run_launcher("cluster=local", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1", "data=fashion_mnist",
+                          f"data.train={fmnist_small / 'train.beton'}", "data.batch_size_per_rank=32",
+                          "data.num_workers=1", "student=convnet_s", "teacher=convnet_l", "teacher.hidden_dim=64",
+                          "method.dim=32", "method.queue_size=100", f"run_dir={tmp_path / 'run'}",
+                          "logging.progress_bar=false", "logging.every_steps=1", "device=cpu", *common)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world size changed from 1 to 2: continuing at epoch 2, step 62" in result.stdout
+    final = final_state(tmp_path / "run")
+    assert final["step"] == 93 and final["train_state"]["restarts"] == 1
+    assert final["data"]["world_size"] == 2 and len(final["rng"]) == 2
