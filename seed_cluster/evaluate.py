@@ -1,25 +1,46 @@
-"""Frozen-feature evaluation: backbone features of a labelled .beton and weighted kNN on them.
+"""Frozen-feature evaluation: load a backbone from any source, extract features, weighted kNN.
 
-`python -m seed_cluster.evaluate RUN_OR_CHECKPOINT [--pixels]` prints kNN top-1/top-5
-with the full training set as the bank and with 10 labelled images per class.
+Sources (`load_backbone`): a run directory or a seed-cluster checkpoint, a backbone exported
+by `seed_cluster.export` (plain state dict + JSON beside it), a SEED release student file
+(`{"state_dict": {"module.student.*", "module.teacher.*", ...}}`), or a plain timm state dict.
+The backbone always loads strictly; a mismatch lists the missing and unexpected keys.
+
+Feature extraction reads the centre view of every sample; with several ranks each rank reads
+a contiguous shard and the features are gathered back into file order.
+
+`python -m seed_cluster.evaluate RUN_OR_CHECKPOINT [--pixels]` prints kNN top-1/top-5 (k = 20
+and k = 1) with the full training set as the bank and with 10 labelled images per class, in
+this process. `launch/eval.py` runs the same kNN as a (multi-rank, SLURM-able) job: `KNNJob`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import submitit
 import torch
+from torch import nn
 
-from .checkpoint import Checkpointer, load
+from .checkpoint import FORMAT, Checkpointer, load
 from .config import DataConfig
-from .errors import CheckpointError, SeedClusterError
-from .knn import knn_accuracy, knn_few_shot
-from .models import Encoder, build_student
+from .errors import CheckpointError, ConfigError, SeedClusterError
+from .knn import knn_accuracies, knn_few_shot
+from .models import Encoder, build_backbone, build_student, check_arch
 
+logger = logging.getLogger(__name__)
+
+HEAD_PREFIXES = ("fc.", "classifier.", "head.")
+"""Where a student keeps its projection head (torchvision/timm ResNet, EfficientNet/MobileNet, ViT)."""
+
+
+# -- sources ---------------------------------------------------------------------------------------------
 
 def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
@@ -34,6 +55,16 @@ def find_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def run_root(path: str | Path) -> Optional[Path]:
+    """The run directory a source belongs to (a run dir, or a file in <run>/checkpoints/), else None."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        return p
+    if p.is_file() and p.parent.name == "checkpoints":
+        return p.parent.parent
+    return None
+
+
 def load_student(path: str | Path) -> tuple[Encoder, dict]:
     """The trained network (SEED student or MoCo-v2 query encoder) of a run or checkpoint, and its config."""
     ckpt = load(find_checkpoint(path))
@@ -44,27 +75,268 @@ def load_student(path: str | Path) -> tuple[Encoder, dict]:
     return encoder.eval(), cfg
 
 
-@torch.no_grad()
-def extract_features(encoder: Optional[Encoder], path: str, data: DataConfig,
-                     device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (or, with encoder=None, the normalised centre view's raw pixels) and labels."""
-    from .data import eval_batches
+@dataclass
+class LoadedBackbone:
+    backbone: nn.Module
+    arch: str
+    path: Path
+    """The concrete file the weights came from (a run directory resolved to its newest checkpoint)."""
+    format: str
+    """seed-cluster, export, seed (SEED release student) or plain."""
+    head_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The projection head's weights when the file has them (keys as in `Encoder.head`)."""
+    meta: dict = field(default_factory=dict)
+    """What is known about the run: student, teacher, method, epochs, steps, fingerprints, config hash."""
 
+
+def _read(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - retried with full unpickling below, which reports the error
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _is_state(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def load_backbone_strict(backbone: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """`load_state_dict(strict=True)` with a one-line CheckpointError naming the missing and unexpected keys."""
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"{name}: {few(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"{where} does not fit the backbone ({'; '.join(parts)}); check source.arch")
+    backbone.load_state_dict(state, strict=True)
+
+
+def split_student_state(state: dict[str, torch.Tensor], backbone: nn.Module) -> tuple[dict, dict]:
+    """(backbone state, head state) of a student's state dict whose head lives under fc./classifier./head."""
+    own = backbone.state_dict()
+    body, head = {}, {}
+    for key, value in state.items():
+        prefix = next((p for p in HEAD_PREFIXES if key.startswith(p)), None)
+        if prefix is not None and key not in own:
+            head[key[len(prefix):]] = value
+        else:
+            body[key] = value
+    return body, head
+
+
+def load_backbone(checkpoint: str | Path, arch: Optional[str] = None) -> LoadedBackbone:
+    """The backbone (eval mode) stored in `checkpoint`, whatever the source kind (module docstring)."""
+    root = run_root(checkpoint)
+    path = find_checkpoint(checkpoint)
+    raw = _read(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        cfg = raw["config"]
+        if arch and arch != cfg["student"]["arch"]:
+            raise ConfigError(f"source.arch={arch} but {path} holds a {cfg['student']['arch']} student; "
+                              "drop source.arch")
+        encoder = build_student(cfg["student"]["arch"], cfg["method"]["dim"])
+        state = {k[len("student."):]: v for k, v in raw["model"].items() if k.startswith("student.")}
+        encoder.load_state_dict(state, strict=True)
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        return LoadedBackbone(encoder.backbone.eval(), cfg["student"]["arch"], path, "seed-cluster", head,
+                              meta_from_checkpoint(raw, root))
+    provenance = path.with_suffix(".json")
+    info = json.loads(provenance.read_text()) if provenance.is_file() and _is_state(raw) else {}
+    fmt = "export" if info.get("format") == "seed-cluster-export" else None
+    state = raw.get("state_dict") if isinstance(raw, dict) and _is_state(raw.get("state_dict")) else raw
+    if not _is_state(state):
+        raise CheckpointError(f"{path} is neither a seed-cluster checkpoint, an export, a SEED student file "
+                              "nor a state dict")
+    if fmt is None:
+        fmt = "seed" if any(_strip(k, ("module.",)).startswith("student.") for k in state) else "plain"
+    arch = arch or info.get("arch")
+    if not arch:
+        raise ConfigError(f"{path} does not say which architecture it holds; pass source.arch=<timm name>")
+    check_arch(arch, "source.arch")
+    backbone = build_backbone(arch, "source.arch")
+    if fmt == "seed":  # SEED release: module.student.* is the student; teacher and queue are left aside
+        state = {_strip(k, ("module.",))[len("student."):]: v for k, v in state.items()
+                 if _strip(k, ("module.",)).startswith("student.")}
+    else:
+        state = {_strip(k, ("module.",)): v for k, v in state.items()}
+    body, head = split_student_state(state, backbone)
+    load_backbone_strict(backbone, body, f"{path} ({fmt})")
+    head_file = path.with_name(path.stem + ".head.pt")
+    if fmt == "export" and head_file.is_file():
+        head = _read(head_file)
+    meta = {k: info[k] for k in ("student", "teacher", "method", "epochs", "steps", "teacher_fingerprint",
+                                 "data_fingerprint", "config_hash") if k in info}
+    meta.setdefault("student", arch)
+    return LoadedBackbone(backbone.eval(), arch, path, fmt, head, meta)
+
+
+def meta_from_checkpoint(ckpt: dict, root: Optional[Path] = None) -> dict:
+    """The run's identity for result tables: student, teacher, method, epochs, steps, fingerprints."""
+    cfg = ckpt["config"]
+    method = cfg["method"]["name"]
+    teacher = None
+    if method.startswith("seed"):
+        t = cfg["teacher"]
+        teacher = f"{t['arch']}" + (f" ({Path(t['checkpoint']).name})" if t.get("checkpoint") else " (random)")
+    optim = cfg["optim"]
+    data_fp = None
+    try:
+        data_fp = json.loads(Path(cfg["data"]["train"]).with_suffix(".json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        pass
+    return {"student": cfg["student"]["arch"], "teacher": teacher, "method": method,
+            "epochs": optim["epochs"] if optim.get("max_steps") is None else None, "steps": ckpt.get("step"),
+            "teacher_fingerprint": ckpt.get("teacher_fingerprint"), "data_fingerprint": data_fp,
+            "config_hash": ckpt.get("config_hash"), "data": cfg["data"]["name"],
+            "run_dir": str(root) if root else None}
+
+
+def source_data(data: Optional[DataConfig], path: str | Path) -> DataConfig:
+    """`data` if given, else the data section of the run the source checkpoint belongs to."""
+    if data is not None:
+        return data
+    try:
+        ckpt = load(find_checkpoint(path))
+    except CheckpointError:
+        ckpt = None
+    if ckpt is None:
+        raise ConfigError(f"source.checkpoint={path} is no seed-cluster run, so it has no data section; "
+                          "pass data=<preset> data.train=... data.val=...")
+    return DataConfig(**ckpt["config"]["data"])
+
+
+# -- features --------------------------------------------------------------------------------------------
+
+def shard(num_samples: int, rank: int, world_size: int) -> range:
+    """Contiguous shard of `rank`: concatenating the shards in rank order gives 0..num_samples-1."""
+    return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+def centre_batches(path: str, data: DataConfig, device: torch.device, indices: Optional[list[int]] = None,
+                   batch_size: int = 256, crop_fraction: float = 0.875
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(centre view [B, 3, R, R], labels [B]) over `indices` of `path` (all samples by default), in order."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor
+
+    from .augment import center_view
+    from .data import check_dataset
+
+    check_dataset(path, "data")
+    if indices is not None and len(indices) == 0:
+        return
+    side = data.decode_resolution
+    pipelines = {"image": [CenterCropRGBImageDecoder((side, side), ratio=1.0), ToTensor()],
+                 "label": [IntDecoder(), ToTensor(), Squeeze(1)], "index": None}
+    loader = Loader(path, batch_size=batch_size, num_workers=data.num_workers, order=OrderOption.SEQUENTIAL,
+                    indices=indices, pipelines=pipelines, drop_last=False, os_cache=data.os_cache)
+    for images, labels in loader:
+        yield (center_view(images.to(device), size=data.resolution, mean=data.mean, std=data.std,
+                           crop_fraction=crop_fraction), labels.to(device).clone())
+
+
+@torch.no_grad()
+def extract_features(encoder: Optional[nn.Module], path: str, data: DataConfig,
+                     device: Optional[torch.device] = None, *, indices: Optional[list[int]] = None,
+                     batch_size: int = 256, deadline: Optional[float] = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (or, with encoder=None, the normalised centre view's raw pixels) and labels, on CPU.
+
+    `encoder`: an `Encoder` (its `features()`) or a bare backbone. `deadline`: time.monotonic() after which
+    extraction stops early (what was extracted is returned).
+    """
+    device = device or torch.device("cpu")
+    forward = None if encoder is None else encoder.features if isinstance(encoder, Encoder) else encoder
     features, labels = [], []
-    for images, y in eval_batches(path, data, device):
-        f = images.flatten(1) if encoder is None else encoder.features(images)
+    for images, y in centre_batches(path, data, device, indices, batch_size):
+        f = images.flatten(1) if forward is None else forward(images)
         features.append(f.float().cpu())
         labels.append(y.cpu())
-    return torch.cat(features), torch.cat(labels)
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    if not features:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(features), torch.cat(labels).long()
 
+
+def gather_shards(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate per-rank tensors of different lengths along dim 0, in rank order (every rank gets all)."""
+    import torch.distributed as dist
+
+    from .distributed import is_distributed, world_size
+
+    if not is_distributed() or world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    trailing = tuple(x.shape[1:])
+    width = torch.tensor([x.shape[1] if x.ndim > 1 else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank that extracted nothing has an empty [0, 0] tensor
+    if x.ndim > 1:
+        trailing = (int(width),)
+    padded = torch.zeros((max(sizes), *trailing), dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).cpu()
+
+
+def extract_sharded(backbone: Optional[nn.Module], path: str, data: DataConfig, device: torch.device,
+                    rank: int, world_size: int, num_samples: int, batch_size: int = 256,
+                    subset: Optional[list[int]] = None, deadline: Optional[float] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample (or of `subset`), each rank extracting its shard, gathered."""
+    items = list(subset) if subset is not None else list(range(num_samples))
+    mine = [items[i] for i in shard(len(items), rank, world_size)]
+    f, y = extract_features(backbone, path, data, device, indices=mine, batch_size=batch_size, deadline=deadline)
+    comm = device if _backend_is_nccl() else torch.device("cpu")
+    return gather_shards(f, comm), gather_shards(y, comm)
+
+
+def _backend_is_nccl() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+# -- kNN report ------------------------------------------------------------------------------------------
 
 def knn_report(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-               num_classes: int, per_class: int = 10, draws: int = 5, seed: int = 0) -> dict[str, float]:
-    full = knn_accuracy(train[0], train[1], test[0], test[1], num_classes)
-    few = knn_few_shot(train[0], train[1], test[0], test[1], num_classes, per_class=per_class, draws=draws,
-                       seed=seed)
-    return {"knn_top1": full["top1"], "knn_top5": full["top5"], f"knn_{per_class}shot_top1": few["mean"],
-            f"knn_{per_class}shot_std": few["std"]}
+               num_classes: int, per_class: int = 10, draws: int = 5, seed: int = 0, ks: tuple[int, ...] = (20, 1),
+               temperature: float = 0.07, max_chunk_mb: float = 256.0) -> dict[str, float]:
+    """`knn_top1`/`knn_top5` (first k), `knn<k>_top1`/`_top5` for every k, and the few-shot mean and std."""
+    accs = knn_accuracies(train[0], train[1], test[0], test[1], num_classes, list(ks), temperature,
+                          max_chunk_mb=max_chunk_mb)
+    out = {"knn_top1": accs[ks[0]]["top1"], "knn_top5": accs[ks[0]]["top5"]}
+    for k, acc in accs.items():
+        out[f"knn{k}_top1"], out[f"knn{k}_top5"] = acc["top1"], acc["top5"]
+    if per_class:
+        few = knn_few_shot(train[0], train[1], test[0], test[1], num_classes, per_class=per_class, draws=draws,
+                           seed=seed, k=ks[0], temperature=temperature)
+        out[f"knn_{per_class}shot_top1"], out[f"knn_{per_class}shot_std"] = few["mean"], few["std"]
+    return out
 
 
 def evaluate_run(path: str | Path, pixels: bool = False, val: Optional[str] = None) -> dict[str, float]:
@@ -78,6 +350,130 @@ def evaluate_run(path: str | Path, pixels: bool = False, val: Optional[str] = No
     test = extract_features(model, val, data)
     num_classes = int(max(train[1].max(), test[1].max())) + 1
     return knn_report(train, test, num_classes)
+
+
+# -- the kNN job (launch/eval.py) ------------------------------------------------------------------------
+
+def eval_dir(cfg, kind: str) -> Path:
+    """Where an evaluation writes: run_dir, else <source run>/eval/<kind>-<hash>, else <output_dir>/<name>-..."""
+    from .eval_config import eval_hash
+
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    root = run_root(cfg.source.checkpoint)
+    if root is not None:
+        return root / "eval" / f"{kind}-{eval_hash(cfg, kind)}"
+    return Path(cfg.output_dir) / f"{cfg.name}-{kind}-{eval_hash(cfg, kind)}"
+
+
+def results_dir(cfg, kind: str) -> Path:
+    """The directory whose results.json collects this evaluation: the source's run, else the eval dir."""
+    return run_root(cfg.source.checkpoint) or eval_dir(cfg, kind)
+
+
+def num_samples(path: str) -> tuple[int, int]:
+    """(samples, classes) from the .beton's manifest."""
+    from .data import check_dataset
+
+    manifest = check_dataset(path, "data")
+    return int(manifest["num_samples"]), int(manifest.get("num_classes") or 0)
+
+
+def run_knn(cfg, env=None) -> Optional[dict[str, float]]:
+    """The offline kNN of `cfg` (an EvalConfig) on this rank; rank 0 returns and records the results."""
+    from .distributed import DistEnv
+    from .report import record
+    from .trainer import pick_device
+
+    env = env or DistEnv.detect()
+    device = pick_device(cfg.device, env.local_rank)
+    loaded = load_backbone(cfg.source.checkpoint, cfg.source.arch)
+    data = source_data(cfg.data, cfg.source.checkpoint)
+    if not data.val:
+        raise ConfigError("kNN needs a labelled held-out set: set data.val=FILE.beton")
+    backbone = loaded.backbone.to(device)
+    start = time.perf_counter()
+    n_train, c_train = num_samples(data.train)
+    n_val, c_val = num_samples(data.val)
+    train = extract_sharded(backbone, data.train, data, device, env.rank, env.world_size, n_train,
+                            cfg.knn.batch_size)
+    val = extract_sharded(backbone, data.val, data, device, env.rank, env.world_size, n_val, cfg.knn.batch_size)
+    extract_s = time.perf_counter() - start
+    if env.rank != 0:
+        return None
+    num_classes = max(c_train, c_val, int(train[1].max()) + 1, int(val[1].max()) + 1)
+    start = time.perf_counter()
+    results = knn_report(train, val, num_classes, per_class=0, ks=tuple(cfg.knn.k),
+                         temperature=cfg.knn.temperature, max_chunk_mb=cfg.knn.max_chunk_mb)
+    results.update({"knn_train_samples": float(len(train[1])), "knn_val_samples": float(len(val[1])),
+                    "knn_extract_s": extract_s, "knn_search_s": time.perf_counter() - start})
+    directory = eval_dir(cfg, "knn")
+    directory.mkdir(parents=True, exist_ok=True)
+    from .report import write_json_atomic
+
+    write_json_atomic(directory / "knn.json", {"source": str(loaded.path), "results": results})
+    record(results_dir(cfg, "knn"), "knn", {k: v for k, v in results.items() if k.startswith("knn")},
+           {**loaded.meta, "source": str(loaded.path)})
+    logger.info("kNN of %s: %s", loaded.path, json.dumps(results))
+    return results
+
+
+class KNNJob(submitit.helpers.Checkpointable):
+    """submitit callable of the offline kNN: every rank extracts its shard; a requeue starts it again."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self) -> Optional[dict[str, float]]:
+        from .distributed import DistEnv, init_process_group
+        from .job import setup_logging
+
+        env = DistEnv.detect()
+        setup_logging(env)
+        directory = eval_dir(self.cfg, "knn")
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            init_process_group(env, directory / ".rendezvous", _backend(self.cfg))
+            return run_knn(self.cfg, env)
+        except SeedClusterError as e:
+            logger.error("%s", e)
+            raise
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(KNNJob(self.cfg))
+
+
+def _backend(cfg) -> str:
+    return "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
+def submit(cfg, job, kind: str) -> int:
+    """Submit `job` with cfg.cluster through submitit (as training does); wait and stream when local."""
+    from .job import executor_for, stream_until_done
+
+    directory = eval_dir(cfg, kind)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the evaluation directory {directory} ({e.strerror})") from None
+    executor = executor_for(cfg, directory / "submitit")
+    submitted = executor.submit(job)
+    print(f"job {submitted.job_id} ({cfg.cluster.backend}, {cfg.world_size} ranks)\n"
+          f"evaluation directory: {directory}\nresults: {results_dir(cfg, kind) / 'results.json'}", flush=True)
+    if cfg.cluster.backend == "slurm" and not cfg.cluster.wait:
+        return 0
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    stream_until_done(submitted)
+    try:
+        submitted.results()
+    except (FailedJobError, UncompletedJobError):
+        from .launcher import last_error_line
+
+        print(f"error: {last_error_line(submitted) or 'the job failed'} (log: {submitted.paths.stdout})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

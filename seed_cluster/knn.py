@@ -8,8 +8,10 @@ for its class with weight ``exp(sim_j / T)``. Also a few-shot variant that draws
 and spread of the top-1 accuracy.
 
 Every function works on any device, processes test features in chunks of
-``chunk_size`` (memory ``O(chunk_size * N_train)``) and clips ``k`` to the bank size,
-so tiny banks and tiny test sets work.
+``chunk_size`` rows (memory ``O(chunk_size * N_train)``; by default the chunk is sized so
+that one similarity block stays under ``max_chunk_mb``, e.g. 52 queries for an ImageNet
+bank of 1.28M features) and clips ``k`` to the bank size, so tiny banks and tiny test sets
+work. Several ``k`` are scored from one neighbour search (:func:`knn_accuracies`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ import torch.nn.functional as F
 
 from seed_cluster.errors import ConfigError, DataError
 
-__all__ = ["knn_predict", "knn_accuracy", "few_shot_bank", "knn_few_shot"]
+__all__ = ["knn_predict", "knn_accuracy", "knn_accuracies", "auto_chunk_size", "few_shot_bank", "knn_few_shot"]
+
+DEFAULT_MAX_CHUNK_MB = 256
+"""Default memory budget of one [chunk, N_train] float32 similarity block."""
+MAX_CHUNK_ROWS = 4096
+
+
+def auto_chunk_size(num_train: int, max_chunk_mb: float = DEFAULT_MAX_CHUNK_MB) -> int:
+    """Query rows per chunk so that one float32 similarity block [rows, num_train] fits in ``max_chunk_mb``."""
+    if not max_chunk_mb > 0:
+        raise ConfigError(f"kNN: max_chunk_mb={max_chunk_mb} must be > 0")
+    rows = int(max_chunk_mb * 2**20) // (4 * max(num_train, 1))
+    return max(1, min(MAX_CHUNK_ROWS, rows))
 
 
 def _check(
@@ -31,14 +45,14 @@ def _check(
     num_classes: int,
     k: int,
     temperature: float,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> None:
     problems = []
     if k < 1:
         problems.append(f"k={k} must be >= 1")
     if not temperature > 0:
         problems.append(f"temperature={temperature} must be > 0")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         problems.append(f"chunk_size={chunk_size} must be >= 1")
     if num_classes < 1:
         problems.append(f"num_classes={num_classes} must be >= 1")
@@ -74,7 +88,8 @@ def knn_predict(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    max_chunk_mb: float = DEFAULT_MAX_CHUNK_MB,
 ) -> torch.Tensor:
     """Weighted kNN class scores.
 
@@ -85,22 +100,43 @@ def knn_predict(
         num_classes: number of classes C.
         k: neighbours per query, clipped to ``N_train``.
         temperature: T in the vote weight ``exp(cos_sim / T)``.
-        chunk_size: test features processed per matmul.
+        chunk_size: test features processed per matmul; None sizes it from ``max_chunk_mb``.
+        max_chunk_mb: memory budget of one similarity block when ``chunk_size`` is None.
 
     Returns:
         ``[N_test, C]`` float32 scores (sum of neighbour weights per class).
     """
-    _check(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+    return _knn_scores(train_features, train_labels, test_features, num_classes, [k], temperature, chunk_size,
+                       max_chunk_mb)[0]
+
+
+def _knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    ks: list[int],
+    temperature: float,
+    chunk_size: int | None,
+    max_chunk_mb: float,
+) -> list[torch.Tensor]:
+    """Scores ``[N_test, C]`` for every k in ``ks`` from one search of the ``max(ks)`` nearest neighbours."""
+    for k in ks:
+        _check(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     labels = train_labels.to(device=train.device, dtype=torch.int64)
-    k = min(k, train.shape[0])
-    scores = torch.zeros(test.shape[0], num_classes, dtype=torch.float32, device=test.device)
-    for start in range(0, test.shape[0], chunk_size):
-        sim = test[start : start + chunk_size] @ train.T  # [c, N_train]
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = torch.exp(top_sim / temperature)
-        scores[start : start + chunk_size].scatter_add_(1, labels[top_idx], weights)
+    chunk = chunk_size or auto_chunk_size(train.shape[0], max_chunk_mb)
+    k_max = min(max(ks), train.shape[0])
+    scores = [torch.zeros(test.shape[0], num_classes, dtype=torch.float32, device=test.device) for _ in ks]
+    for start in range(0, test.shape[0], chunk):
+        sim = test[start : start + chunk] @ train.T  # [c, N_train]: the only large intermediate
+        top_sim, top_idx = sim.topk(k_max, dim=1)  # sorted, most similar first
+        del sim
+        weights, votes = torch.exp(top_sim / temperature), labels[top_idx]
+        for k, out in zip(ks, scores, strict=True):
+            k = min(k, k_max)
+            out[start : start + chunk].scatter_add_(1, votes[:, :k], weights[:, :k])
     return scores
 
 
@@ -113,27 +149,48 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    max_chunk_mb: float = DEFAULT_MAX_CHUNK_MB,
 ) -> dict[str, float]:
     """Top-1 and top-5 weighted-kNN accuracy in percent (top-5 is top-C when C < 5).
 
     Arguments as :func:`knn_predict`, plus ``test_labels`` ``[N_test]``.
     """
+    return knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes, [k],
+                          temperature, chunk_size, max_chunk_mb)[k]
+
+
+@torch.no_grad()
+def knn_accuracies(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    ks: list[int] = (20, 1),
+    temperature: float = 0.07,
+    chunk_size: int | None = None,
+    max_chunk_mb: float = DEFAULT_MAX_CHUNK_MB,
+) -> dict[int, dict[str, float]]:
+    """``{k: {"top1", "top5"}}`` for every k in ``ks``, from a single neighbour search (percent)."""
     if test_features.shape[0] == 0:
         raise DataError("kNN: the test set is empty")
     if test_labels.shape != (test_features.shape[0],):
         raise DataError(
             f"kNN: test_labels must be [{test_features.shape[0]}], got {tuple(test_labels.shape)}"
         )
-    scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    target = test_labels.to(device=scores.device, dtype=torch.int64)[:, None]
-    ranked = scores.topk(min(5, num_classes), dim=1).indices
-    hits = ranked == target
+    ks = list(ks)
+    if not ks:
+        raise ConfigError("kNN: give at least one k")
+    all_scores = _knn_scores(train_features, train_labels, test_features, num_classes, ks, temperature,
+                             chunk_size, max_chunk_mb)
+    target = test_labels.to(device=all_scores[0].device, dtype=torch.int64)[:, None]
     n = float(test_features.shape[0])
-    return {
-        "top1": hits[:, 0].sum().item() * 100.0 / n,
-        "top5": hits.any(dim=1).sum().item() * 100.0 / n,
-    }
+    out = {}
+    for k, scores in zip(ks, all_scores, strict=True):
+        hits = scores.topk(min(5, num_classes), dim=1).indices == target
+        out[k] = {"top1": hits[:, 0].sum().item() * 100.0 / n, "top5": hits.any(dim=1).sum().item() * 100.0 / n}
+    return out
 
 
 def few_shot_bank(
@@ -193,7 +250,7 @@ def knn_few_shot(
     seed: int = 0,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> dict[str, float | list[float]]:
     """Few-shot weighted-kNN top-1 accuracy over ``draws`` random banks of ``per_class`` per class.
 
