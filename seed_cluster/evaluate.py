@@ -492,3 +492,44 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def preflight(cfg, kind: str) -> None:
+    """What can be checked before submitting: the source loads, the data is readable, the output is writable."""
+    from .data import check_dataset
+
+    problems: list[str] = []
+    for check in (lambda: load_backbone(cfg.source.checkpoint, cfg.source.arch),
+                  lambda: check_dataset(source_data(cfg.data, cfg.source.checkpoint).train, "data.train"),
+                  lambda: check_dataset(source_data(cfg.data, cfg.source.checkpoint).val or "", "data.val")):
+        try:
+            check()
+        except SeedClusterError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+
+
+def launch(argv: list[str], kind: str) -> int:
+    """launch/eval.py (kind knn) and launch/linear.py (kind linear): compose, check, submit, report."""
+    from omegaconf import OmegaConf
+
+    from .eval_config import load_eval_config
+
+    print_only = "--cfg" in argv
+    try:
+        cfg = load_eval_config([a for a in argv if a != "--cfg"])
+        if print_only:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        preflight(cfg, kind)
+        if kind == "knn":
+            job = KNNJob(cfg)
+        else:
+            from .linear import LinearJob
+
+            job = LinearJob(cfg)
+        return submit(cfg, job, kind)
+    except SeedClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
