@@ -143,7 +143,7 @@ def requeue_costs(train: Path, out: Path, preemptions: int = 2, steps: int = 400
 
         lost = [float(x) for x in re.findall(r"first step after the preemption: ([\d.]+) s lost", text())]
         attempts = attempt_steps(directory / "tensorboard")
-        recomputed = [prev[1] - (nxt[0] - 1) for prev, nxt in zip(attempts, attempts[1:])]
+        recomputed = [prev[1] - (nxt[0] - 1) for prev, nxt in zip(attempts, attempts[1:], strict=False)]
         print(f"requeue on the local SLURM cluster (2 nodes x 1 task, job {job_id}, {steps} steps, "
               f"{len(lost)} USR2 preemptions)")
         print(f"  signal -> first step of the requeued job: {', '.join(f'{s:.1f}' for s in lost)} s "
