@@ -38,13 +38,26 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+_control_group = None
+
+
+def _cpu_group():
+    """A gloo group for small control values: with NCCL, agreeing on a flag every step through it
+    does not synchronise the GPU stream. Created on first use, which is collective like its caller."""
+    global _control_group
+    if dist.get_backend() == "gloo":
+        return None  # the default group already works on CPU tensors
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo")
+    return _control_group
+
+
 def all_reduce_max(value: float | int | bool) -> float:
     """The maximum of a Python scalar over all ranks (used to agree on flags such as 'stop now')."""
     if not is_distributed():
         return float(value)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
     return float(t.item())
 
 

@@ -33,13 +33,15 @@ def slurm_run(data: Path, out: Path, *extra: str) -> list[str]:
             f"optim.max_steps={STEPS}", "checkpoint.every_steps=10", *extra]
 
 
-def submit(*overrides: str) -> tuple[int, Path]:
+def submit(*overrides: str, timeout: float = 120) -> tuple[int, Path]:
     """Run the launcher (it returns once sbatch accepted the job); returns (job id, run directory)."""
-    result = run_launcher(*overrides, timeout=120)
+    result = run_launcher(*overrides, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     job_id = int(re.search(r"^job (\d+) \(slurm, 2 ranks\)", result.stdout, re.M).group(1))
     directory = Path(re.search(r"^run directory: (.+)$", result.stdout, re.M).group(1))
     assert "tensorboard --logdir" in result.stdout
+    if "cluster.wait=true" in overrides:  # the launcher streamed rank 0's log until the job ended
+        assert "Job completed successfully" in result.stdout, result.stdout[-3000:]
     return job_id, directory
 
 
@@ -88,7 +90,8 @@ def assert_continuous_tensorboard(directory: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(slurm_cluster, fmnist_small, tmp_path_factory) -> dict:
     """The uninterrupted 2-node run every interrupted run is compared with."""
-    job_id, directory = submit(*slurm_run(fmnist_small, tmp_path_factory.mktemp("reference")))
+    job_id, directory = submit(*slurm_run(fmnist_small, tmp_path_factory.mktemp("reference")), "cluster.wait=true",
+                               timeout=300)
     state = finished(slurm_cluster, job_id, directory)
     return {"job_id": job_id, "dir": directory, "state": state}
 
