@@ -123,14 +123,17 @@ def _knn_scores(
     """Scores ``[N_test, C]`` for every k in ``ks`` from one search of the ``max(ks)`` nearest neighbours."""
     for k in ks:
         _check(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    train = F.normalize(train_features.float(), dim=1)
+    # The bank is not copied to normalise it (1.28M x 128 floats are 655 MB): each similarity column
+    # is divided by its bank feature's norm instead.
+    train = train_features.float()
+    inv_norm = train.norm(dim=1).clamp_min(1e-12).reciprocal()  # [N_train], as F.normalize's eps
     test = F.normalize(test_features.float(), dim=1)
     labels = train_labels.to(device=train.device, dtype=torch.int64)
     chunk = chunk_size or auto_chunk_size(train.shape[0], max_chunk_mb)
     k_max = min(max(ks), train.shape[0])
     scores = [torch.zeros(test.shape[0], num_classes, dtype=torch.float32, device=test.device) for _ in ks]
     for start in range(0, test.shape[0], chunk):
-        sim = test[start : start + chunk] @ train.T  # [c, N_train]: the only large intermediate
+        sim = (test[start : start + chunk] @ train.T).mul_(inv_norm)  # [c, N_train]: the one large block
         top_sim, top_idx = sim.topk(k_max, dim=1)  # sorted, most similar first
         del sim
         weights, votes = torch.exp(top_sim / temperature), labels[top_idx]

@@ -24,14 +24,26 @@ def seed_cluster_checkpoint(path: Path, arch: str, train_beton: str = "none.beto
     return student
 
 
-def seed_release_file(path: Path, arch: str, seed: int = 0) -> nn.Module:
+def seed_release_file(path: Path, arch: str, seed: int = 0, calibrate: torch.Tensor | None = None) -> nn.Module:
     """A file laid out like SEED's released students: {"state_dict": {"module.student.*", "module.teacher.*",
     "module.queue", ...}, "epoch", "arch"}; the student's MLP head sits where its classifier was
-    (fc.* for ResNets, classifier.* for EfficientNet / MobileNetV3). Returns the timm backbone."""
+    (fc.* for ResNets, classifier.* for EfficientNet / MobileNetV3). Returns the timm backbone.
+
+    `calibrate`: images whose statistics the BN layers take on (as training would give them); a
+    freshly initialised EfficientNet in eval mode outputs ~1e-6 everywhere, nothing a linear layer can use."""
     import timm
 
     torch.manual_seed(seed)
-    backbone = timm.create_model(arch, num_classes=0).eval()
+    backbone = timm.create_model(arch, num_classes=0)
+    if calibrate is not None:
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+        with torch.no_grad():
+            for batch in calibrate.split(64):
+                backbone(batch)
+    backbone.eval()
     head_name = "fc" if arch.startswith("resnet") else "classifier"
     width = backbone.head_hidden_size if getattr(backbone, "head_hidden_size", None) else backbone.num_features
     head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 128))

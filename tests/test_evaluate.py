@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from conftest import ROOT
-
 from eval_fixtures import seed_cluster_checkpoint, seed_release_file
+
 from seed_cluster.config import DataConfig
 from seed_cluster.errors import CheckpointError, ConfigError
-from seed_cluster.evaluate import extract_features, extract_sharded, load_backbone, run_root, shard
 from seed_cluster.eval_config import load_eval_config
+from seed_cluster.evaluate import extract_features, extract_sharded, load_backbone, run_root, shard
 
 
 def _data(root) -> DataConfig:

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 import torchvision
-
 from eval_fixtures import seed_cluster_checkpoint, seed_release_file
+
 from seed_cluster.errors import SeedClusterError
 from seed_cluster.export import export, main
 

@@ -133,3 +133,25 @@ def test_knn_few_shot_clips_k_to_a_tiny_bank():
     test_f, test_l = _clusters(3, 5, 8, seed=7)
     out = knn_few_shot(train_f, train_l, test_f, test_l, num_classes=3, per_class=1, draws=1, k=20)
     assert out["draws"] == [100.0] and out["std"] == 0.0
+
+
+def test_one_search_scores_every_k_like_separate_searches():
+    from seed_cluster.knn import knn_accuracies
+
+    train_f, train_l = _clusters(6, 30, 16, seed=8, spread=0.7)
+    test_f, test_l = _clusters(6, 10, 16, seed=9, spread=0.7)
+    both = knn_accuracies(train_f, train_l, test_f, test_l, 6, [20, 1])
+    for k in (20, 1):
+        assert both[k] == knn_accuracy(train_f, train_l, test_f, test_l, 6, k=k)
+
+
+def test_auto_chunk_keeps_an_imagenet_similarity_block_within_the_budget():
+    from seed_cluster.knn import auto_chunk_size
+
+    rows = auto_chunk_size(1_281_167, max_chunk_mb=256)
+    assert rows == 52 and rows * 1_281_167 * 4 <= 256 * 2**20
+    assert auto_chunk_size(10, max_chunk_mb=256) == 4096 and auto_chunk_size(10**12, 1) == 1
+    train_f, train_l = _clusters(5, 40, 16, seed=3, spread=0.5)
+    test_f, test_l = _clusters(5, 13, 16, seed=4, spread=0.5)
+    tiny_budget = knn_predict(train_f, train_l, test_f, 5, max_chunk_mb=1e-4)  # one query per chunk
+    torch.testing.assert_close(tiny_budget, knn_predict(train_f, train_l, test_f, 5), rtol=1e-5, atol=0.0)

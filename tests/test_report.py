@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from eval_fixtures import seed_cluster_checkpoint
+
 from seed_cluster.report import main, read_results, record, table
 
 
