@@ -6,7 +6,8 @@ the command line the overrides; the root is registered in Hydra's ConfigStore as
 `__post_init__` only validates. Defaults follow SEED's linear-evaluation protocol (DESIGN.md §3)
 and the kNN protocol of InstDisc/DINO (k = 20, T = 0.07).
 
-`OnlineKNNConfig` is the section the trainer reads (`knn:` in the training config).
+`OnlineKNNConfig` (the training config's `knn:` section) lives in `online_knn_config.py`, which imports
+nothing from this package, so that `seed_cluster.config` can use it without an import cycle.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import MISSING
 
 from .config import ClusterConfig, DataConfig
 from .errors import ConfigError
+from .online_knn_config import OnlineKNNConfig  # noqa: F401 - re-exported
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -29,38 +31,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def _raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-@dataclass
-class OnlineKNNConfig:
-    """kNN accuracy of the student's backbone during training, on fixed subsets, logged as `knn/*`."""
-
-    every_steps: int = 0
-    """Evaluate every this many optimizer steps; 0 turns online kNN off."""
-    train_samples: int = 5000
-    """Size of the bank: evenly spaced samples of data.train (all of it when larger than the set)."""
-    val_samples: int = 1000
-    """Queries: evenly spaced samples of data.val (of the rest of data.train when data.val is unset)."""
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256
-    """Images per forward pass of the extraction."""
-    max_seconds: float = 120.0
-    """Time bound of one evaluation: extraction stops there and kNN runs on what was extracted."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for key in ("every_steps",):
-            if getattr(self, key) < 0:
-                problems.append(f"knn.{key}={getattr(self, key)} must be >= 0 (0 = off)")
-        for key in ("train_samples", "val_samples", "k", "batch_size"):
-            if getattr(self, key) < 1:
-                problems.append(f"knn.{key}={getattr(self, key)} must be >= 1")
-        if not self.temperature > 0:
-            problems.append(f"knn.temperature={self.temperature} must be > 0")
-        if not self.max_seconds > 0:
-            problems.append(f"knn.max_seconds={self.max_seconds} must be > 0")
-        _raise_if(problems)
 
 
 @dataclass

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .config import DataConfig
-from .eval_config import OnlineKNNConfig
 from .knn import knn_accuracy
+from .online_knn_config import OnlineKNNConfig
 
 logger = logging.getLogger(__name__)
 

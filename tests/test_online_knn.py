@@ -7,9 +7,9 @@ import torch
 
 from seed_cluster.config import DataConfig
 from seed_cluster.errors import ConfigError
-from seed_cluster.eval_config import OnlineKNNConfig
 from seed_cluster.models import build_student
 from seed_cluster.online_knn import OnlineKNN, evenly_spaced
+from seed_cluster.online_knn_config import OnlineKNNConfig
 
 
 def _data(root, val=True) -> DataConfig:
