@@ -103,7 +103,7 @@ def executor_for(cfg: TrainConfig, folder: Path) -> submitit.Executor:
     """A submitit executor for cfg.cluster: LocalExecutor (all ranks on this machine) or SlurmExecutor."""
     c = cfg.cluster
     if c.backend == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
+        executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=c.max_num_timeout)
         executor.update_parameters(timeout_min=c.timeout_min, tasks_per_node=cfg.nodes * c.tasks_per_node,
                                    gpus_per_node=c.gpus_per_node, signal_delay_s=c.signal_delay_s)
         # Each rank gets its share of the cores for torch's and FFCV's threads.
