@@ -245,3 +245,53 @@ def test_resume_on_another_world_size_continues_at_the_next_epoch_boundary(fmnis
     final = final_state(tmp_path / "run")
     assert final["step"] == 93 and final["train_state"]["restarts"] == 1
     assert final["data"]["world_size"] == 2 and len(final["rng"]) == 2
+
+
+def local_rank0_pid(submitit_folder: Path) -> int | None:
+    """The pid of global rank 0 of the local (LocalExecutor) job whose submitit folder is given."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and str(submitit_folder).encode() in cmdline \
+                and b"SUBMITIT_LOCAL_GLOBALID=0" in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_two_rank_local_job_signalled_mid_epoch_requeues_and_ends_bitwise_equal(fmnist_small, tmp_path):
+    """cluster=local (two gloo processes): USR2 to rank 0 -> collective save -> submitit's local requeue."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    def launch(run: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "launch" / "slurm.py"), "cluster=local", "cluster.tasks_per_node=2",
+             "cluster.cpus_per_task=1", "device=cpu", "data=fashion_mnist", f"data.train={fmnist_small / 'train.beton'}",
+             "data.batch_size_per_rank=32", "data.num_workers=1", "student=convnet_s", "teacher=convnet_l",
+             "teacher.hidden_dim=64", "method.dim=32", "method.queue_size=100", f"run_dir={run}",
+             "logging.progress_bar=false", "optim.max_steps=60", "checkpoint.every_steps=10"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight, stopped = launch(tmp_path / "straight"), launch(tmp_path / "stopped")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "stopped" / "checkpoints" / "step-00000010.pt").exists():
+        assert time.monotonic() < deadline and stopped.poll() is None, "no checkpoint"
+        time.sleep(0.2)
+    os.kill(local_rank0_pid(tmp_path / "stopped" / "submitit"), USR2)
+    outputs = [p.communicate(timeout=300)[0] for p in (straight, stopped)]
+    assert straight.returncode == 0 and stopped.returncode == 0, outputs[1][-3000:]
+    assert "requeueing through submitit" in outputs[1] and "resumed from" in outputs[1]
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
+    assert a["step"] == b["step"] == 60 and b["train_state"]["preemptions"] == 1
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert ka == kb and torch.equal(va["momentum_buffer"], vb["momentum_buffer"]), ka
