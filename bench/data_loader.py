@@ -1,0 +1,276 @@
+"""Data-loader throughput on realistic JPEGs: FFCV + seeded augmentation vs torchvision, seeded vs unseeded.
+
+    python bench/data_loader.py            # 2000 images, whole epochs (about 10 minutes on 2 cores)
+    python bench/data_loader.py --quick    # 600 images, a few batches per pipeline (a few minutes)
+
+The images are real photographs that ship with scikit-image and scikit-learn (astronaut,
+coffee, rocket, chelsea, retina, hubble, textures, ...; `pip install -e .[dev]`), cut into
+many distinct crops with random position, aspect and scale, rescaled to a 300-500 px
+longer side and saved as JPEG quality 90 in an ImageFolder tree; the .beton is built from
+that tree with `ffcv_build` (JPEG, max side 512). Every pipeline runs on the same cores
+with the same thread / worker count and batch size; figures are images/s from ONE run
+(no timing claims are tested: others share this machine, so expect noise of 10-20%).
+
+Pipelines (all end in normalised float32 [B, 3, 224, 224] tensors):
+- ffcv seed (1 view), ffcv mocov2 (2 views): `seed_cluster.data.TrainStream` on this CPU,
+  i.e. FFCV decodes the centred square at 256 and the seeded MoCo-v2 recipe runs in torch
+  on the same cores (on a GPU node it runs on the GPU instead).
+- torchvision: ImageFolder + DataLoader(num_workers=threads), PIL ops of the same recipe
+  (RandomResizedCrop 0.2-1, ColorJitter .4/.4/.4/.1 p .8, grayscale p .2, blur p .5, flip).
+- geometric ops only: FFCV's own unseeded RandomResizedCropRGBImageDecoder +
+  RandomHorizontalFlip (+ ToTensor/ToTorchImage/NormalizeImage) vs the seeded path
+  (centre-square decode + `augment` with crop and flip only).
+- small patch: 1 global (swav_global, 224) + 6 small (swav_small, 96) views vs two views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+# This machine is shared: with OpenMP's default spin-waiting, torch's threads stall whenever another
+# process holds a core (a batch of augmentation took 17x longer). Passive waiting avoids that; set
+# before torch is imported, for every pipeline alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "retina.jpg", "hubble_deep_field.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png",
+          "grass.png", "gravel.png"]
+NUM_CLASSES = 10
+BATCH = 64
+
+
+def source_photos() -> list:
+    from PIL import Image
+
+    try:
+        import skimage
+    except ImportError:
+        sys.exit("bench/data_loader.py needs scikit-image's sample photographs: pip install -e '.[dev]'")
+    import sklearn.datasets
+
+    data_dir = Path(skimage.__file__).parent / "data"
+    photos = [Image.open(data_dir / name).convert("RGB") for name in PHOTOS]
+    photos += [Image.fromarray(a) for a in sklearn.datasets.load_sample_images().images]  # china, flower
+    return photos
+
+
+def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` distinct JPEGs (300-500 px longer side) cut from the sample photographs, in NUM_CLASSES folders."""
+    from PIL import Image
+
+    folder = root / f"jpegs-{count}"
+    if (folder / "done").exists():
+        return folder
+    rng = np.random.default_rng(seed)
+    photos = source_photos()
+    for k in range(count):
+        photo = photos[rng.integers(len(photos))]
+        w, h = photo.size
+        area = rng.uniform(0.25, 1.0) * w * h
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, int(np.sqrt(area * aspect))), min(h, int(np.sqrt(area / aspect)))
+        x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        side = rng.integers(300, 501)
+        scale = side / max(cw, ch)
+        img = photo.crop((x0, y0, x0 + cw, y0 + ch)).resize((max(1, round(cw * scale)), max(1, round(ch * scale))),
+                                                            Image.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        out = folder / f"class{k % NUM_CLASSES}" / f"{k:05d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out, quality=90)
+    (folder / "done").touch()
+    return folder
+
+
+def build_beton(folder: Path) -> Path:
+    from ffcv_build import build_imagefolder
+
+    beton = folder.with_suffix(".beton")
+    if not beton.exists():
+        build_imagefolder(folder, beton, max_side=512, quality=90, write_mode="jpg")
+    return beton
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+def timed(batches, num_batches: int, warmup: int = 2) -> float:
+    """Images/s over `num_batches` batches after `warmup` (compilation, worker start-up, page cache)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    start, images = time.perf_counter(), 0
+    for _ in range(num_batches):
+        batch = next(it)
+        if isinstance(batch, (tuple, list)):  # (images or views, labels, ...) or (images,)
+            images += len(batch[1] if len(batch) > 1 else batch[0])
+        else:  # a TrainStream Batch
+            images += len(batch.indices)
+    return images / (time.perf_counter() - start)
+
+
+def data_cfg(beton: Path, threads: int):
+    from seed_cluster.config import DataConfig
+
+    return DataConfig(train=str(beton), resolution=224, decode_resolution=256, batch_size_per_rank=BATCH,
+                      num_workers=threads)
+
+
+def ffcv_stream(beton: Path, threads: int, num_views):
+    import torch
+
+    from seed_cluster.data import TrainStream
+
+    return TrainStream(data_cfg(beton, threads), seed=0, rank=0, world_size=1, num_views=num_views,
+                       device=torch.device("cpu"))
+
+
+def torchvision_loader(folder: Path, threads: int, two_views: bool):
+    import torch
+    from torchvision import datasets, transforms
+
+    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    one = transforms.Compose([
+        transforms.RandomResizedCrop(224, scale=(0.2, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    transform = (lambda img: (one(img), one(img))) if two_views else one
+    dataset = datasets.ImageFolder(str(folder), transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=threads,
+                                       drop_last=True, persistent_workers=True)
+
+
+def endless(make):
+    while True:
+        yield from make()
+
+
+def ffcv_unseeded(beton: Path, threads: int):
+    """FFCV's own random ops (numba RNG, not seeded): the ffcv-imagenet training pipeline."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+    # NormalizeImage's CPU version is numba code on HWC arrays: it goes before ToTensor (after it,
+    # ffcv 1.0.2's pipeline grouping loops forever).
+    pipelines = {"image": [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.2, 1.0)), RandomHorizontalFlip(),
+                           NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()],
+                 "label": [IntDecoder(), ToTensor(), Squeeze(1)], "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
+    loader = Loader(str(beton), batch_size=BATCH, num_workers=threads, order=OrderOption.RANDOM,
+                    pipelines=pipelines, drop_last=True)
+    return endless(lambda: loader)
+
+
+def seeded_geometric(beton: Path, threads: int):
+    """The seeded path with the same geometric ops only: centre-square decode + batched crop/resize/flip."""
+    from seed_cluster import data
+
+    stream = ffcv_stream(beton, threads, 1)
+    crop_flip = replace(data.get_recipe("mocov2"), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    stream.recipes = [crop_flip]
+    return stream
+
+
+def decode_only(beton: Path, threads: int):
+    """FFCV's part of the seeded path alone: centre square decoded at 256, no augmentation."""
+    stream = ffcv_stream(beton, threads, 0)
+    return endless(lambda: stream.loader)
+
+
+def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 224):
+    """The torch part alone, on one batch decoded once (same thread count)."""
+    import torch
+
+    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, augment, get_recipe
+
+    images, _, indices = next(iter(decode_only(beton, threads)))
+    images, indices = images.clone(), indices.clone()
+    torch.set_num_threads(threads)
+
+    def batches():
+        epoch = 0
+        while True:
+            epoch += 1
+            yield (augment(images, indices, seed=0, epoch=epoch, view=0, recipe=get_recipe(recipe), size=size,
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD),)
+    return batches()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="600 images and 6 timed batches per pipeline")
+    parser.add_argument("--images", type=int, default=None, help="number of JPEGs (default 2000, quick 600)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="FFCV threads = torchvision DataLoader workers (default: all CPUs of this process)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/seed-cluster-bench"))
+    parser.add_argument("--only", nargs="*", default=None, help="run only these pipelines (names as printed)")
+    args = parser.parse_args(argv)
+    count = args.images or (600 if args.quick else 2000)
+    timed_batches = 6 if args.quick else (count // BATCH) - 2
+    threads = args.threads
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    folder = make_jpeg_folder(args.workdir, count)
+    beton = build_beton(folder)
+    print(f"{count} JPEGs in {folder} and {beton} ({time.perf_counter() - t0:.0f} s to prepare); "
+          f"{threads} threads/workers, batch {BATCH}, {timed_batches} timed batches per pipeline", flush=True)
+
+    from seed_cluster.data import ViewSpec
+
+    small_patch = [ViewSpec("swav_global", 224)] + [ViewSpec("swav_small", 96)] * 6
+    pipelines = {
+        "torchvision 1 view": lambda: torchvision_loader(folder, threads, False),
+        "ffcv seed 1 view": lambda: ffcv_stream(beton, threads, 1),
+        "torchvision mocov2 2 views": lambda: torchvision_loader(folder, threads, True),
+        "ffcv mocov2 2 views": lambda: ffcv_stream(beton, threads, 2),
+        "ffcv unseeded crop+flip": lambda: ffcv_unseeded(beton, threads),
+        "ffcv seeded crop+flip": lambda: seeded_geometric(beton, threads),
+        "ffcv small patch 1+6": lambda: ffcv_stream(beton, threads, small_patch),
+        "ffcv decode only (256 square)": lambda: decode_only(beton, threads),
+        "augment only, 1 mocov2 view": lambda: augment_only(beton, threads),
+        "augment only, 1 swav_small 96 view": lambda: augment_only(beton, threads, "swav_small", 96),
+    }
+    results = {}
+    for name, make in pipelines.items():
+        if args.only and name not in args.only:
+            continue
+        rate = timed(make(), timed_batches)
+        gc.collect()  # stop the previous pipeline's workers / prefetch threads before the next one
+        results[name] = rate
+        print(f"  {name:36s} {rate:8.0f} img/s  {rate / threads:7.0f} img/s per thread", flush=True)
+
+    def ratio(a: str, b: str, goal: str = "") -> None:
+        if a in results and b in results:
+            print(f"  {a} / {b}: {results[a] / results[b]:.2f}x {goal}")
+
+    print("ratios (one run):")
+    ratio("ffcv seed 1 view", "torchvision 1 view", "(goal >= 3x)")
+    ratio("ffcv mocov2 2 views", "torchvision mocov2 2 views", "(goal >= 3x)")
+    ratio("ffcv seeded crop+flip", "ffcv unseeded crop+flip", "(goal >= 0.85x)")
+    ratio("ffcv small patch 1+6", "ffcv mocov2 2 views")
+
+
+if __name__ == "__main__":
+    main()
