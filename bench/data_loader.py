@@ -270,6 +270,9 @@ def main(argv=None) -> None:
     ratio("ffcv mocov2 2 views", "torchvision mocov2 2 views", "(goal >= 3x)")
     ratio("ffcv seeded crop+flip", "ffcv unseeded crop+flip", "(goal >= 0.85x)")
     ratio("ffcv small patch 1+6", "ffcv mocov2 2 views")
+    print("CPU side when augmentation runs on the GPU (this machine has none; decode only vs torchvision's all-CPU):")
+    ratio("ffcv decode only (256 square)", "torchvision 1 view", "(goal >= 3x)")
+    ratio("ffcv decode only (256 square)", "torchvision mocov2 2 views", "(goal >= 3x; one decode feeds both views)")
 
 
 if __name__ == "__main__":
