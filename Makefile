@@ -26,6 +26,7 @@ demo: setup
 	$(PY) -m seed_cluster.demo
 
 test: setup
+	$(VENV)/bin/ruff check seed_cluster launch ffcv_build tests bench
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

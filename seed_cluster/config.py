@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from .errors import ConfigError
+from .online_knn_config import OnlineKNNConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -291,6 +292,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    knn: OnlineKNNConfig = field(default_factory=OnlineKNNConfig)
+    """Online kNN of the student's backbone during training (off unless knn.every_steps > 0)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -307,7 +310,7 @@ class TrainConfig:
 
 # Keys that say where and how the job runs but not what it computes: they are left
 # out of the run hash so that resubmitting on another cluster setup resumes the run.
-_PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device")
+_PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device", "knn")
 _PLACEMENT_DATA_KEYS = ("num_workers", "os_cache")
 
 

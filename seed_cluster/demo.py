@@ -23,7 +23,8 @@ from typing import Optional
 
 from .config import run_dir
 from .errors import SeedClusterError
-from .launcher import load_config, main as launch
+from .launcher import load_config
+from .launcher import main as launch
 
 STAGES = {
     "teacher": ["experiment=demo_teacher"],

@@ -104,8 +104,8 @@ def preflight(cfg: TrainConfig) -> None:
         lambda: check_dataset(cfg.data.train, "data.train"),
         lambda: cfg.data.val and check_dataset(cfg.data.val, "data.val"),
         lambda: build_backbone(cfg.student.arch, "student.arch"),
-        lambda: cfg.method.name == "seed" and build_backbone(cfg.teacher.arch, "teacher.arch"),
-        lambda: cfg.method.name == "seed" and cfg.teacher.checkpoint and _teacher_exists(cfg.teacher.checkpoint),
+        lambda: cfg.method.name != "mocov2" and build_backbone(cfg.teacher.arch, "teacher.arch"),
+        lambda: cfg.method.name != "mocov2" and cfg.teacher.checkpoint and _teacher_exists(cfg.teacher.checkpoint),
         lambda: _writable(run_dir(cfg)),
     ):
         try:

@@ -29,6 +29,7 @@ from .distributed import DistEnv, all_reduce_max, is_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .methods import StepOutput, build_method
 from .metrics import MetricsLogger
+from .online_knn import OnlineKNN
 from .preemption import NO_SIGNAL, Preemption, RequeueLoopError, RestartGuard
 from .schedule import learning_rate
 
@@ -100,6 +101,7 @@ class Trainer:
     state: TrainState
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    online_knn: OnlineKNN
     """Opened by `train()` after the restore, so that a resumed run continues the same event stream."""
     # fault tolerance
     preemption: Preemption
@@ -120,6 +122,7 @@ class Trainer:
         self.model = self._wrap(self.method.student)
         self.data = TrainStream(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                 num_views=self.method.num_views, device=self.device)
+        self.online_knn = OnlineKNN(cfg.knn, cfg.data, self.device, env.rank, env.world_size)
         self.derived = derive(cfg, self.data.num_samples, env.world_size)
         self.optimizer = torch.optim.SGD(self.method.student.parameters(), lr=self.derived.lr,
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -152,6 +155,7 @@ class Trainer:
             self.state.step += 1
             self.metrics.add_step(self.derived.global_batch, data_wait)
             self.metrics.add({"loss/train": out.loss, **out.stats})
+            self.log_online_knn()
             if log_now:
                 self.check_finite(out.loss)
                 last = self.log()
@@ -189,6 +193,13 @@ class Trainer:
     def current_lr(self) -> float:
         d = self.derived
         return learning_rate(self.state.step, peak_lr=d.lr, warmup_steps=d.warmup_steps, total_steps=d.total_steps)
+
+    def log_online_knn(self) -> None:
+        """Every rank takes part (features are extracted in shards); rank 0 writes the scalars."""
+        knn = self.online_knn.maybe_run(self.state.step, self.method.student)
+        if knn is not None and self.metrics.writer is not None:
+            for tag, value in knn.items():
+                self.metrics.writer.add_scalar(tag, value, self.state.step)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """All ranks agree, so that none of them saves or continues past a NaN alone."""

@@ -36,7 +36,8 @@ def only_run_dir(out: Path) -> Path:
 
 def test_two_rank_ddp_run_writes_checkpoint_and_tensorboard_scalars(fmnist_small, tmp_path):
     result = run_launcher(*tiny_run(fmnist_small, tmp_path, "cluster.tasks_per_node=2", "optim.max_steps=6",
-                                    "checkpoint.every_steps=3", "logging.every_steps=2"))
+                                    "checkpoint.every_steps=3", "logging.every_steps=2",
+                                    "knn.every_steps=6", "knn.train_samples=200", "knn.val_samples=100"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tensorboard --logdir" in result.stdout
     run = only_run_dir(tmp_path)
@@ -53,7 +54,7 @@ def test_two_rank_ddp_run_writes_checkpoint_and_tensorboard_scalars(fmnist_small
 
     logged = scalars(run)
     for tag in ("loss/train", "lr/student", "throughput/images_per_s", "time/data_loading(%)", "queue/fill",
-                "entropy_student", "entropy_teacher", "agreement_top1", "checkpoint/save_s"):
+                "entropy_student", "entropy_teacher", "agreement_top1", "checkpoint/save_s", "knn/top1"):
         assert any(t.endswith(tag) for t in logged), f"{tag} missing from {sorted(logged)}"
     assert [s for s, _ in logged["loss/train"]] == [2, 4, 6]
     assert all(math.isfinite(v) for _, v in logged["loss/train"])

@@ -32,7 +32,7 @@ class MoCoV2(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        for k, q in zip(self.key_encoder.parameters(), self.student.parameters()):
+        for k, q in zip(self.key_encoder.parameters(), self.student.parameters(), strict=True):
             k.mul_(self.momentum).add_(q.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
