@@ -185,7 +185,13 @@ def wait(job) -> int:
 
     from .job import stream_until_done
 
-    stream_until_done(job)
+    try:
+        stream_until_done(job)
+    except KeyboardInterrupt:
+        # Ctrl-C here must not leave local ranks running (on SLURM the job would keep its allocation).
+        job.cancel(check=False)
+        print(f"\ninterrupted: cancelled job {job.job_id}; resubmit the same command to resume", file=sys.stderr)
+        return 130
     try:
         job.results()
     except (FailedJobError, UncompletedJobError):
