@@ -95,7 +95,7 @@ def test_restart_guard_counts_consecutive_starts_from_one_step(tmp_path):
 
 def tiny(data: Path, run: Path, *extra: str):
     return load_config(["cluster=local", "cluster.cpus_per_task=1", "data=fashion_mnist",
-                        f"data.train={data / 'train.beton'}", "data.batch_size_per_rank=32", "data.num_workers=1",
+                        f"data.train={data / 'train.beton'}", f"data.val={data / 'test.beton'}", "data.batch_size_per_rank=32", "data.num_workers=1",
                         "student=convnet_s", "teacher=convnet_l", "teacher.hidden_dim=64", "method.dim=32",
                         "method.queue_size=100", f"run_dir={run}", "logging.progress_bar=false",
                         "logging.every_steps=1", "checkpoint.every_steps=1000", "device=cpu", *extra])
@@ -236,7 +236,7 @@ def test_resume_on_another_world_size_continues_at_the_next_epoch_boundary(fmnis
 
     # Two ranks (31 steps per epoch): the rest of epoch 1 is skipped, epoch 2 is step 62..93.
     result = run_launcher("cluster=local", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1", "data=fashion_mnist",
-                          f"data.train={fmnist_small / 'train.beton'}", "data.batch_size_per_rank=32",
+                          f"data.train={fmnist_small / 'train.beton'}", f"data.val={fmnist_small / 'test.beton'}", "data.batch_size_per_rank=32",
                           "data.num_workers=1", "student=convnet_s", "teacher=convnet_l", "teacher.hidden_dim=64",
                           "method.dim=32", "method.queue_size=100", f"run_dir={tmp_path / 'run'}",
                           "logging.progress_bar=false", "logging.every_steps=1", "device=cpu", *common)
@@ -273,7 +273,7 @@ def test_two_rank_local_job_signalled_mid_epoch_requeues_and_ends_bitwise_equal(
     def launch(run: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "launch" / "slurm.py"), "cluster=local", "cluster.tasks_per_node=2",
-             "cluster.cpus_per_task=1", "device=cpu", "data=fashion_mnist", f"data.train={fmnist_small / 'train.beton'}",
+             "cluster.cpus_per_task=1", "device=cpu", "data=fashion_mnist", f"data.train={fmnist_small / 'train.beton'}", f"data.val={fmnist_small / 'test.beton'}",
              "data.batch_size_per_rank=32", "data.num_workers=1", "student=convnet_s", "teacher=convnet_l",
              "teacher.hidden_dim=64", "method.dim=32", "method.queue_size=100", f"run_dir={run}",
              "logging.progress_bar=false", "optim.max_steps=60", "checkpoint.every_steps=10"],

@@ -27,7 +27,7 @@ STEPS = 90  # 2000 images / (2 ranks x 32) = 31 steps per epoch: 90 steps cross 
 def slurm_run(data: Path, out: Path, *extra: str) -> list[str]:
     return ["cluster=slurm", "nodes=2", "cluster.tasks_per_node=1", "cluster.gpus_per_node=0",
             "cluster.cpus_per_task=1", "cluster.timeout_min=30", "device=cpu", "data=fashion_mnist",
-            f"data.train={data / 'train.beton'}", "data.batch_size_per_rank=32", "data.num_workers=1",
+            f"data.train={data / 'train.beton'}", f"data.val={data / 'test.beton'}", "data.batch_size_per_rank=32", "data.num_workers=1",
             "student=convnet_s", "teacher=convnet_l", "teacher.hidden_dim=64", "method.dim=32",
             "method.queue_size=100", f"output_dir={out}", "logging.progress_bar=false", "logging.every_steps=1",
             f"optim.max_steps={STEPS}", "checkpoint.every_steps=10", *extra]
