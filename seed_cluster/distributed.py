@@ -91,6 +91,11 @@ class DistEnv:
                    int(os.environ.get("SLURM_RESTART_COUNT", "0")))
 
 
+def backend_for(device: str) -> str:
+    """NCCL when the job trains on CUDA (device auto or cuda with a GPU visible), gloo otherwise."""
+    return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
 def init_process_group(env: DistEnv, rendezvous_dir: Path, backend: str) -> None:
     """Join the job's process group through a fresh port chosen by rank 0 and published in a file.
 

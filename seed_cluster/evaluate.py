@@ -425,7 +425,7 @@ class KNNJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict[str, float]]:
-        from .distributed import DistEnv, init_process_group
+        from .distributed import DistEnv, backend_for, init_process_group
         from .job import setup_logging
 
         env = DistEnv.detect()
@@ -433,7 +433,7 @@ class KNNJob(submitit.helpers.Checkpointable):
         directory = eval_dir(self.cfg, "knn")
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            init_process_group(env, directory / ".rendezvous", _backend(self.cfg))
+            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
             return run_knn(self.cfg, env)
         except SeedClusterError as e:
             logger.error("%s", e)
@@ -441,10 +441,6 @@ class KNNJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(KNNJob(self.cfg))
-
-
-def _backend(cfg) -> str:
-    return "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
 def submit(cfg, job, kind: str) -> int:

@@ -23,7 +23,7 @@ from typing import Optional
 import submitit
 
 from .config import TrainConfig, run_dir
-from .distributed import DistEnv, init_process_group
+from .distributed import DistEnv, backend_for, init_process_group
 from .errors import SeedClusterError
 from .preemption import Preemption
 
@@ -50,10 +50,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         setup_logging(env)
         directory = run_dir(self.cfg)
         try:
-            backend = "nccl" if self.cfg.device != "cpu" and _cuda_available() else "gloo"
-            if self.cfg.device == "cpu":
-                backend = "gloo"
-            init_process_group(env, directory / ".rendezvous", backend)
+            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
             trainer = Trainer(self.cfg, env, preemption)
             result = trainer.train()
         except SeedClusterError as e:
@@ -71,12 +68,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         """
         logger.info("requeueing %s", run_dir(self.cfg))
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def stream_until_done(job: submitit.Job, poll_s: float = 1.0) -> None:

@@ -256,8 +256,7 @@ class LinearJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict]:
-        from .distributed import DistEnv, init_process_group
-        from .evaluate import _backend
+        from .distributed import DistEnv, backend_for, init_process_group
         from .job import setup_logging
         from .preemption import Preemption
 
@@ -267,7 +266,7 @@ class LinearJob(submitit.helpers.Checkpointable):
         directory = eval_dir(self.cfg, "linear")
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            init_process_group(env, directory / ".rendezvous", _backend(self.cfg))
+            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
             result = run_linear(self.cfg, env, preemption)
         except SeedClusterError as e:
             logger.error("%s", e)
