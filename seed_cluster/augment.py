@@ -173,17 +173,34 @@ def _as_indices(indices) -> np.ndarray:
     return arr.astype(np.uint64)
 
 
-def key_uniforms(seed: int, epoch: int, indices, view: int, num_slots: int = _NUM_SLOTS) -> np.ndarray:
-    """[N, num_slots] float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, slot)."""
+def key_uniforms(seed: int, epoch, indices, view: int, num_slots: int = _NUM_SLOTS) -> np.ndarray:
+    """[N, num_slots] float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, slot).
+
+    `epoch` is one number for the whole batch or one per sample (the feature cache replays, per sample,
+    one of K view keys: `seed_cluster.cache.view_epochs`)."""
     idx = _as_indices(indices)
+    epochs = np.broadcast_to(_as_indices(np.atleast_1d(epoch)), idx.shape)
     with np.errstate(over="ignore"):
         h = _mix64(np.full(idx.shape, seed % 2**64, dtype=np.uint64) + _GAMMA)
-        for value in (np.full(idx.shape, epoch % 2**64, dtype=np.uint64), idx,
+        for value in (epochs, idx,
                       np.full(idx.shape, view % 2**64, dtype=np.uint64)):
             h = _mix64(h + _mix64(value + _GAMMA))  # injective in `value` for a fixed prefix
         slots = np.arange(1, num_slots + 1, dtype=np.uint64) * _GAMMA  # splitmix64 stream from state h
         z = _mix64(h[:, None] + slots[None, :])
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# View keys reserved for `view_epochs`' per-sample offsets: never a real (epoch, view) pair.
+_OFFSET_EPOCH, _OFFSET_VIEW = 2**63, 2**32
+
+
+def view_epochs(seed: int, epoch: int, indices, views: int) -> np.ndarray:
+    """With K = `views` replayed views per image: the view key [N] that sample `indices[i]` shows at `epoch`,
+    (epoch + offset_i) mod K with a per-sample offset in [0, K) keyed by (seed, index). Every sample cycles
+    through its K views once every K epochs, and a batch mixes view keys (no epoch where all samples show
+    view 0). These keys are what the feature cache stores and what `augment` takes as `epoch`."""
+    offsets = np.floor(key_uniforms(seed, _OFFSET_EPOCH, indices, _OFFSET_VIEW, num_slots=1)[:, 0] * views)
+    return ((epoch + offsets.astype(np.int64)) % views).astype(np.int64)
 
 
 def _uniform(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -209,7 +226,7 @@ def _crop_boxes(u: np.ndarray, scale, ratio) -> np.ndarray:
     return np.stack([x0, y0, w, h], axis=1)
 
 
-def sample_params(seed: int, epoch: int, indices, view: int, recipe: Recipe) -> ViewParams:
+def sample_params(seed: int, epoch, indices, view: int, recipe: Recipe) -> ViewParams:
     """All random choices of view `view` of samples `indices` at `epoch` of run `seed`."""
     u = key_uniforms(seed, epoch, indices, view)
     factors = np.empty((len(u), 4))
@@ -451,9 +468,9 @@ def apply_view(images: torch.Tensor, params: ViewParams, *, size: int, mean: Seq
     return _normalize(x, mean, std)
 
 
-def augment(images: torch.Tensor, indices, *, seed: int, epoch: int, view: int, recipe: Recipe,
+def augment(images: torch.Tensor, indices, *, seed: int, epoch, view: int, recipe: Recipe,
             size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """One random view of each image, a pure function of (seed, epoch, indices[i], view).
+    """One random view of each image, a pure function of (seed, epoch (or epoch[i]), indices[i], view).
 
     images: uint8 [B, H, W, 3] channels-last (as FFCV yields), any device. indices: [B] dataset
     sample indices. mean/std: per channel, 0-1 scale. Returns float32 [B, 3, size, size] on the

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -42,8 +42,7 @@ class Checkpointer:
         except OSError as e:
             raise CheckpointError(f"checkpoint directory {self.directory} is not writable ({e.strerror}); "
                                   "choose another output_dir or fix its permissions") from e
-        for stale in self.directory.glob(".step-*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_temporaries(self.directory, "step-*")
 
     def paths(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -60,20 +59,11 @@ class Checkpointer:
         """Write `state` atomically as step-<step>.pt, then keep only the newest `keep`. Returns (path, seconds)."""
         start = time.perf_counter()
         final = self.directory / f"step-{step:08d}.pt"
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
-                torch.save({"format": FORMAT, **state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.directory)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise CheckpointError(f"could not write checkpoint {final} ({e.strerror}); "
-                                      "check free space and permissions of the run directory") from e
-            raise
+            atomic_write(final, lambda f: torch.save({"format": FORMAT, **state}, f))
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror}); "
+                                  "check free space and permissions of the run directory") from e
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         seconds = time.perf_counter() - start
@@ -102,6 +92,30 @@ def load(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a seed-cluster checkpoint")
     return state
+
+
+def atomic_write(final: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a hidden temporary beside `final`, fsync, rename, fsync the directory: `final` exists
+    only complete (a crash or kill at any moment leaves the old file or none, never a half file). The
+    temporary is `.<name>.tmp-<pid>`; `remove_temporaries` deletes those a killed writer left behind."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_temporaries(directory: Path, pattern: str = "*") -> None:
+    """Delete the temporaries of `atomic_write` calls (for files matching `pattern`) that never finished."""
+    for stale in Path(directory).glob(f".{pattern}.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -65,9 +65,13 @@ class TeacherConfig:
     checkpoint: Optional[str] = None
     """Weights: a released file in any supported layout, a checkpoint this project wrote, or a run directory.
     None = random weights (smoke tests only)."""
+    cache: str = "off"
+    """Precomputed teacher features (mode=precompute writes them): off (run the teacher), on (use the cache
+    that matches this run; refuse to start without one), auto (use it when a complete one exists)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        _check(problems, self.cache in ("off", "on", "auto"), f"teacher.cache={self.cache!r} must be off, on or auto")
         _check(problems, self.head in HEAD_KINDS,
                f"teacher.head={self.head!r} is not a head kind; use one of {', '.join(HEAD_KINDS)}")
         _check(problems, self.hidden_dim >= 0, f"teacher.hidden_dim={self.hidden_dim} must be >= 0")
@@ -222,6 +226,34 @@ class CheckpointConfig:
         _raise_if(problems)
 
 
+CACHE_DTYPES = ("fp16", "fp32")
+
+
+@dataclass
+class CacheConfig:
+    """The per-teacher feature cache (seed_cluster.cache): K replayable views per image and their teacher
+    embeddings, so that training can skip the teacher."""
+
+    views: int = 0
+    """K, views per image. 0: a fresh view every epoch (no cache possible). K > 0: image i at epoch e shows
+    view (e + offset_i) mod K, so views repeat every K epochs, whether the teacher runs live or is cached."""
+    dtype: str = "fp16"
+    """Storage of the embeddings: fp16 (half the disk; losses within ~1e-3) or fp32 (matches live ~1e-6)."""
+    path: Optional[str] = None
+    """The cache directory; default <output_dir>/cache/<teacher>-<data>-<hash of its fingerprint>."""
+    chunk_size: int = 4096
+    """Samples per chunk file: the unit of resume and of checksums (rounded up to a multiple of the batch)."""
+    verify: bool = True
+    """Check every chunk's SHA-256 when a run opens the cache (reads it once; ~1 s per GB)."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.views >= 0, f"cache.views={self.views} must be >= 0 (0 = no replayed views)")
+        _check(problems, self.dtype in CACHE_DTYPES, f"cache.dtype={self.dtype!r} must be one of {', '.join(CACHE_DTYPES)}")
+        _check(problems, self.chunk_size > 0, f"cache.chunk_size={self.chunk_size} must be positive")
+        _raise_if(problems)
+
+
 @dataclass
 class LoggingConfig:
     every_steps: int = 20
@@ -275,6 +307,8 @@ class TrainConfig:
 
     name: str = "seed"
     """Experiment name: the run directory is <output_dir>/<name>-<config hash>."""
+    mode: str = "train"
+    """train, or precompute: write the teacher feature cache (cache.views views per image) and stop."""
     output_dir: str = "runs"
     run_dir: Optional[str] = None
     """Explicit run directory (overrides the name + hash rule)."""
@@ -294,9 +328,17 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     knn: OnlineKNNConfig = field(default_factory=OnlineKNNConfig)
     """Online kNN of the student's backbone during training (off unless knn.every_steps > 0)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        _check(problems, self.mode in ("train", "precompute"), f"mode={self.mode!r} must be train or precompute")
+        uses_cache = self.mode == "precompute" or self.teacher.cache != "off"
+        _check(problems, not (uses_cache and self.method.name == "mocov2"),
+               "method=mocov2 has no teacher to cache; use method=seed or seed_small_patch, or teacher.cache=off")
+        _check(problems, not (uses_cache and self.cache.views == 0),
+               f"{'mode=precompute' if self.mode == 'precompute' else f'teacher.cache={self.teacher.cache}'} needs "
+               "cache.views=K > 0, the number of views per image stored in the cache (e.g. cache.views=10)")
         _check(problems, self.nodes >= 1, f"nodes={self.nodes} must be >= 1")
         _check(problems, self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} must be auto, cpu or cuda")
         _check(problems, self.name.replace("-", "").replace("_", "").isalnum(),
@@ -311,7 +353,8 @@ class TrainConfig:
 # Keys that say where and how the job runs but not what it computes: they are left
 # out of the run hash so that resubmitting on another cluster setup resumes the run.
 _PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device", "knn")
-_PLACEMENT_DATA_KEYS = ("num_workers", "os_cache")
+_PLACEMENT_SECTION_KEYS = (("data", "num_workers"), ("data", "os_cache"), ("cache", "path"), ("cache", "chunk_size"),
+                           ("cache", "verify"))
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -321,8 +364,16 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def config_hash(cfg: TrainConfig) -> str:
     """Eight hex digits identifying what a run computes (placement keys excluded)."""
     content = {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT_KEYS}
-    for key in _PLACEMENT_DATA_KEYS:
-        content["data"].pop(key)
+    for section, key in _PLACEMENT_SECTION_KEYS:
+        content[section].pop(key)
+    # Keys added after runs existed enter the hash only when they change what is computed, so that
+    # resubmitting an older run's command still finds (and resumes) its directory.
+    if content["mode"] == "train":
+        del content["mode"]
+    if content["teacher"]["cache"] == "off":
+        del content["teacher"]["cache"]
+    if content["cache"]["views"] == 0:
+        del content["cache"]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 

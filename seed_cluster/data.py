@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,9 +34,12 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from .augment import augment, center_view, get_recipe
+from .augment import Recipe, augment, center_view, get_recipe, view_epochs
 from .config import DataConfig
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +56,15 @@ def check_dataset(path: str, key: str) -> dict:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view per image: an augmentation recipe (`seed_cluster.augment.RECIPES`) and the view's side."""
+    """One view per image: an augmentation recipe (a name in `seed_cluster.augment.RECIPES`, or a Recipe)
+    and the view's side."""
 
-    recipe: str
+    recipe: Union[str, Recipe]
     size: int
+
+    def get_recipe(self) -> Recipe:
+        """The Recipe itself; ConfigError naming the valid names when the name is unknown."""
+        return self.recipe if isinstance(self.recipe, Recipe) else get_recipe(self.recipe)
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
@@ -96,6 +104,20 @@ def _pipelines(decode_resolution: int) -> dict:
     }
 
 
+class _FixedOrder(TraversalOrder):
+    """An FFCV traversal order that reads exactly `order` (one pass; used by the feature-cache precompute)."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = order
+
+    def __call__(self, loader: Loader) -> "_FixedOrder":
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int) -> Sequence[int]:
+        return self.order
+
+
 @dataclass
 class Batch:
     views: list[torch.Tensor]
@@ -104,16 +126,40 @@ class Batch:
     indices: torch.Tensor
     """Dataset sample indices [B] on the device: with `epoch` and the view index, the key of every view."""
     epoch: int = 0
+    targets: Optional[list[torch.Tensor]] = None
+    """With the feature cache: the teacher's embedding [B, D] of each view, read instead of computed."""
+
+
+def make_views(images: torch.Tensor, indices, epochs, specs: Sequence[ViewSpec], cfg: DataConfig,
+               seed: int) -> list[torch.Tensor]:
+    """Every view of a decoded batch: view v of sample i is keyed by (seed, epochs (or epochs[i]), index, v).
+    The one place views are made, for training and for the feature-cache precompute alike."""
+    return [augment(images, indices, seed=seed, epoch=epochs, view=v, recipe=spec.get_recipe(),
+                    size=spec.size, mean=cfg.mean, std=cfg.std)
+            for v, spec in enumerate(specs)]
+
+
+def decoded_batches(cfg: DataConfig, order: np.ndarray, batch_size: int,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(uint8 images [B, S, S, 3] on `device`, sample indices [B]) of data.train in exactly `order`, batches of
+    `batch_size` (the last one shorter)."""
+    loader = Loader(cfg.train, batch_size=batch_size, num_workers=cfg.num_workers, order=_FixedOrder(order),
+                    pipelines=_pipelines(cfg.decode_resolution), drop_last=False, os_cache=cfg.os_cache)
+    for images, _, indices in loader:
+        yield images.to(device, non_blocking=True), indices.numpy().copy()
 
 
 class TrainStream:
     """An endless stream of batches whose position is (epoch, batches_consumed) and nothing else."""
 
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
-                 num_views: int | Sequence[ViewSpec] = 1, device: torch.device):
+                 num_views: int | Sequence[ViewSpec] = 1, device: torch.device, replayed_views: int = 0,
+                 cache: Optional["FeatureCache"] = None):
         """`num_views`: a count (that many views of data.recipe at data.resolution) or one ViewSpec per view
-        (multi-crop methods expose theirs as `method.num_views`). Raises DataError (one line, naming
-        data.train) when the .beton is missing, truncated or not this project's format."""
+        (multi-crop methods expose theirs as `method.num_views`). `replayed_views` K > 0: each image shows one
+        of K fixed view keys per epoch (`augment.view_epochs`, cache.views); `cache`: read the teacher's
+        embedding of those views into `Batch.targets`. Raises DataError (one line, naming data.train) when
+        the .beton is missing, truncated or not this project's format."""
         manifest = check_dataset(cfg.train, "data.train")
         self.cfg = cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -122,7 +168,9 @@ class TrainStream:
             num_views = [ViewSpec(cfg.recipe, cfg.resolution)] * num_views
         self.view_specs = tuple(num_views)
         self.num_views = len(self.view_specs)
-        self.recipes = [get_recipe(v.recipe) for v in self.view_specs]
+        for spec in self.view_specs:
+            spec.get_recipe()  # an unknown recipe fails here, at start-up
+        self.replayed_views, self.cache = replayed_views, cache
         self.batch_size = cfg.batch_size_per_rank
         self.epoch = 0
         self.batches_consumed = 0
@@ -159,11 +207,13 @@ class TrainStream:
                 self.epoch, self.batches_consumed = self.epoch + 1, 0
             for images, labels, indices in self.loader:  # FFCV reuses these buffers: views are new tensors
                 images = images.to(self.device, non_blocking=True)
-                views = [augment(images, indices, seed=self.seed, epoch=self.epoch, view=v, recipe=recipe,
-                                 size=spec.size, mean=self.cfg.mean, std=self.cfg.std)
-                         for v, (spec, recipe) in enumerate(zip(self.view_specs, self.recipes, strict=True))]
-                batch = Batch(views=views, labels=labels.to(self.device).clone(),
-                              indices=indices.to(self.device).clone(), epoch=self.epoch)
+                keys = indices.numpy()
+                epochs = view_epochs(self.seed, self.epoch, keys, self.replayed_views) if self.replayed_views \
+                    else self.epoch
+                batch = Batch(views=make_views(images, keys, epochs, self.view_specs, self.cfg, self.seed),
+                              labels=labels.to(self.device).clone(), indices=indices.to(self.device).clone(),
+                              epoch=self.epoch,
+                              targets=self.cache.targets(keys, epochs, self.device) if self.cache else None)
                 self.batches_consumed += 1
                 yield batch
             self.epoch, self.batches_consumed = self.epoch + 1, 0

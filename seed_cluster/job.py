@@ -39,20 +39,25 @@ def setup_logging(env: DistEnv) -> None:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
+    """Training, or (mode=precompute) writing the teacher feature cache: both resume from what is on disk."""
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict[str, float]]:
         preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
-        from .trainer import Trainer  # heavy imports (ffcv, timm) only inside the job
+        from .precompute import precompute  # heavy imports (ffcv, timm) only inside the job
+        from .trainer import Trainer, pick_device
 
         env = DistEnv.detect()
         setup_logging(env)
         directory = run_dir(self.cfg)
         try:
             init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
-            trainer = Trainer(self.cfg, env, preemption)
-            result = trainer.train()
+            if self.cfg.mode == "precompute":
+                result = precompute(self.cfg, env, preemption, pick_device(self.cfg.device, env.local_rank))
+            else:
+                result = Trainer(self.cfg, env, preemption).train()
         except SeedClusterError as e:
             # One line in the log, then fail the task: the user's input is wrong, retrying won't help.
             logger.error("%s", e)

@@ -118,8 +118,29 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.cluster.backend == "slurm" and cfg.cluster.timeout_min < 1:
         problems.append(f"cluster.timeout_min={cfg.cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
                         "minutes)")
+    if not problems and cfg.mode == "precompute":
+        from .precompute import cache_summary, check_space
+
+        print(cache_summary(cfg), flush=True)
+        if problem := check_space(cfg):
+            problems.append(problem)
+    if not problems and cfg.mode == "train" and cfg.teacher.cache == "on":
+        _cache_ready(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _cache_ready(cfg: TrainConfig, problems: list[str]) -> None:
+    """teacher.cache=on: the cache must exist, be complete and match (checksums are left to the job)."""
+    from .cache import FeatureCache, default_path, fingerprint
+    from .methods import view_specs
+    from .teachers import teacher_identity
+
+    try:
+        expected = fingerprint(cfg, view_specs(cfg), teacher_identity(cfg.teacher, cfg.method.dim, cfg.seed))
+        FeatureCache.open(default_path(cfg, expected), expected, verify=False)
+    except SeedClusterError as e:
+        problems.append(str(e))
 
 
 def _teacher_exists(path: str) -> None:

@@ -96,8 +96,8 @@ class LinearEval:
         self.fc = self.fc.to(self.device)
         self.model = self._wrap(self.fc)
         self.stream = TrainStream(self.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                                  num_views=[ViewSpec(self.data.recipe, self.data.resolution)], device=self.device)
-        self.stream.recipes = [linear_recipe(cfg.linear)]  # crop + flip only, replacing the training recipe
+                                  num_views=[ViewSpec(linear_recipe(cfg.linear), self.data.resolution)],
+                                  device=self.device)
         if cfg.linear.max_steps_per_epoch:
             self.stream.steps_per_epoch = min(self.stream.steps_per_epoch, cfg.linear.max_steps_per_epoch)
         self.steps_per_epoch = self.stream.steps_per_epoch

@@ -435,41 +435,69 @@ def open_teacher_file(cfg: TeacherConfig, dim: int) -> TeacherFile:
     return TeacherFile(path, fmt, state, ignored)
 
 
-def teacher_fingerprint(encoder: Encoder, cfg: TeacherConfig) -> str:
-    """Hash of the loaded tensors (names, dtypes, shapes, values) and the head configuration, not of the file
-    bytes: the same weights saved in another layout have the same fingerprint."""
-    digest = hashlib.sha256(json.dumps([cfg.arch, cfg.head, cfg.hidden_dim, encoder.dim]).encode())
-    for key, tensor in sorted(encoder.state_dict().items()):
+def _state_fingerprint(state: dict[str, torch.Tensor], cfg: TeacherConfig, dim: int) -> str:
+    digest = hashlib.sha256(json.dumps([cfg.arch, cfg.head, cfg.hidden_dim, dim]).encode())
+    for key, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def load_teacher(cfg: Union[TeacherConfig, str], dim: Union[int, str, Path, None] = None) -> FrozenTeacher:
-    """The frozen teacher: `load_teacher(cfg: TeacherConfig, method_dim)` (the training job) or
+def teacher_fingerprint(encoder: Encoder, cfg: TeacherConfig) -> str:
+    """Hash of the loaded tensors (names, dtypes, shapes, values) and the head configuration, not of the file
+    bytes: the same weights saved in another layout have the same fingerprint."""
+    return _state_fingerprint(encoder.state_dict(), cfg, encoder.dim)
+
+
+def _random_fingerprint(cfg: TeacherConfig, seed: int) -> str:
+    return f"random:{cfg.arch}:{cfg.head}:{cfg.hidden_dim}:seed{seed}"
+
+
+def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The teacher computes in fp32 whatever the file stores (fp16 releases included)."""
+    return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
+
+
+def _output_dim(cfg: TeacherConfig, dim: Union[int, None]) -> int:
+    if cfg.dim and dim and cfg.dim != dim:
+        raise TeacherError(f"teacher.dim={cfg.dim} but method.dim={dim}: the teacher's embeddings fill the queue; "
+                           f"set method.dim={cfg.dim}")
+    return cfg.dim or dim or DEFAULT_DIM
+
+
+def teacher_identity(cfg: TeacherConfig, dim: int, seed: int = 0) -> str:
+    """The fingerprint `load_teacher(cfg, dim, seed)` would give, without building the network: what a run
+    with the feature cache checks the cache against (reads the file, builds and runs nothing)."""
+    out_dim = _output_dim(cfg, dim)
+    if cfg.checkpoint is None:
+        return _random_fingerprint(cfg, seed)
+    return _state_fingerprint(_float32(open_teacher_file(cfg, out_dim).state), cfg, out_dim)
+
+
+def load_teacher(cfg: Union[TeacherConfig, str], dim: Union[int, str, Path, None] = None,
+                 seed: int = 0) -> FrozenTeacher:
+    """The frozen teacher: `load_teacher(cfg: TeacherConfig, method_dim, seed)` (the training job) or
     `load_teacher(preset_name, checkpoint)` (e.g. `load_teacher("resnet50w2_swav", "swav_RN50w2.pth.tar")`).
 
-    Without a checkpoint the teacher has random weights (smoke tests only).
+    Without a checkpoint the teacher has random weights drawn from `seed` (smoke tests only), from a
+    generator of their own: building the teacher or not (feature cache) leaves the caller's RNG alone.
     """
     if isinstance(cfg, str):
         cfg = preset(cfg, checkpoint=None if dim is None else str(dim))
         dim = cfg.dim or DEFAULT_DIM
-    if cfg.dim and dim and cfg.dim != dim:
-        raise TeacherError(f"teacher.dim={cfg.dim} but method.dim={dim}: the teacher's embeddings fill the queue; "
-                           f"set method.dim={cfg.dim}")
-    out_dim = cfg.dim or dim or DEFAULT_DIM
+    out_dim = _output_dim(cfg, dim)
     if cfg.checkpoint is None:
         logger.warning("teacher.checkpoint is not set: the teacher has RANDOM weights (fine for smoke tests only)")
-        encoder = Encoder(cfg.arch, out_dim, head=cfg.head, hidden_dim=cfg.hidden_dim, key="teacher.arch")
-        return FrozenTeacher(encoder, fingerprint=f"random:{cfg.arch}:{cfg.head}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = Encoder(cfg.arch, out_dim, head=cfg.head, hidden_dim=cfg.hidden_dim, key="teacher.arch")
+        return FrozenTeacher(encoder, fingerprint=_random_fingerprint(cfg, seed))
 
     file = open_teacher_file(cfg, out_dim)
     with torch.device("meta"):  # no random initialisation, no second copy: the file's tensors become the weights
         encoder = Encoder(cfg.arch, out_dim, head=cfg.head, hidden_dim=cfg.hidden_dim, key="teacher.arch")
-    state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
-             for k, v in file.state.items()}
-    encoder.load_state_dict(state, strict=True, assign=True)
+    encoder.load_state_dict(_float32(file.state), strict=True, assign=True)
     for name, tensor in list(encoder.named_parameters()) + list(encoder.named_buffers()):
         assert not tensor.is_meta, f"{name} was not loaded from the teacher file"
     if file.ignored:

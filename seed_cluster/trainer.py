@@ -22,12 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .cache import FeatureCache, open_for_training
 from .checkpoint import Checkpointer
 from .config import Derived, TrainConfig, config_hash, derive, run_dir, to_dict
 from .data import Batch, TrainStream
 from .distributed import DistEnv, all_reduce_max, is_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .methods import StepOutput, build_method
+from .methods import StepOutput, build_method, view_specs
 from .metrics import MetricsLogger
 from .online_knn import OnlineKNN
 from .preemption import NO_SIGNAL, Preemption, RequeueLoopError, RestartGuard
@@ -96,6 +97,9 @@ class Trainer:
     """The trained network as the step calls it: the student, inside DDP when distributed."""
     optimizer: torch.optim.Optimizer
     # data and bookkeeping
+    cache: Optional[FeatureCache]
+    """The teacher feature cache the run reads instead of running the teacher (None: live teacher)."""
+    teacher_fingerprint: Optional[str]
     data: TrainStream
     derived: Derived
     state: TrainState
@@ -117,11 +121,15 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         if env.rank == 0:
             self.checkpointer.prepare()
+        self.cache = open_for_training(cfg, view_specs(cfg))  # None: the teacher runs live
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.method = build_method(cfg).to(self.device)
+        self.method = build_method(cfg, with_teacher=self.cache is None).to(self.device)
+        self.teacher_fingerprint = self.cache.teacher if self.cache else \
+            getattr(getattr(self.method, "teacher", None), "fingerprint", None)
         self.model = self._wrap(self.method.student)
         self.data = TrainStream(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                                num_views=self.method.num_views, device=self.device)
+                                num_views=self.method.num_views, device=self.device,
+                                replayed_views=cfg.cache.views, cache=self.cache)
         self.online_knn = OnlineKNN(cfg.knn, cfg.data, self.device, env.rank, env.world_size)
         self.derived = derive(cfg, self.data.num_samples, env.world_size)
         self.optimizer = torch.optim.SGD(self.method.student.parameters(), lr=self.derived.lr,
@@ -177,9 +185,9 @@ class Trainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # 2-4. Teacher (or key) embeddings, student forward, loss against the queue.
+        # 2-4. Teacher (or key) embeddings (or the cached teacher's), student forward, loss against the queue.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.method.compute(batch.views, self.model, with_stats=with_stats)
+            out = self.method.compute(batch.views, self.model, with_stats=with_stats, targets=batch.targets)
         # 5. Backward, clip, optimizer step.
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -260,7 +268,7 @@ class Trainer:
                                "saved_at": time.time()} if self.preemption.received_at else None,
                 "config": to_dict(self.cfg),
                 "config_hash": config_hash(self.cfg),
-                "teacher_fingerprint": getattr(getattr(self.method, "teacher", None), "fingerprint", None),
+                "teacher_fingerprint": self.teacher_fingerprint,
                 "git": git_revision(),
             }, self.state.step)
             if self.metrics.writer is not None:
@@ -279,10 +287,9 @@ class Trainer:
         if ckpt["config_hash"] != config_hash(self.cfg):
             raise CheckpointError(f"{path} was written by a different configuration "
                                   f"({ckpt['config_hash']} vs {config_hash(self.cfg)}); use another run_dir")
-        fingerprint = getattr(getattr(self.method, "teacher", None), "fingerprint", None)
-        if ckpt["teacher_fingerprint"] != fingerprint:
+        if ckpt["teacher_fingerprint"] != self.teacher_fingerprint:
             raise CheckpointError(f"{path} was distilled from teacher {ckpt['teacher_fingerprint']}, but the "
-                                  f"configured teacher is {fingerprint}; use another run_dir")
+                                  f"configured teacher is {self.teacher_fingerprint}; use another run_dir")
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.data.load_state_dict(ckpt["data"])

@@ -43,7 +43,9 @@ class MoCoV2(nn.Module):
         k[perm] = shuffled                       # undo the shuffle
         return k
 
-    def compute(self, views: list[torch.Tensor], student: nn.Module, with_stats: bool = False) -> StepOutput:
+    def compute(self, views: list[torch.Tensor], student: nn.Module, with_stats: bool = False,
+                targets: None = None) -> StepOutput:
+        """`targets` is always None: MoCo-v2 has no teacher (the signature is the one every method shares)."""
         self.momentum_update()                   # key encoder follows the query encoder
         k = self.keys(views[1])                  # keys of the second view: no grad
         q = student(views[0])                    # queries of the first view

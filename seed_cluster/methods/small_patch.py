@@ -20,6 +20,8 @@ Unlike the official code, this works with any teacher, not only SwAV's.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ from ..loss import queue_stats, seed_loss
 from ..models import Encoder
 from ..queue import EmbeddingQueue
 from ..teachers import FrozenTeacher
-from . import StepOutput
+from . import StepOutput, teacher_embeddings
 from .seed import SEED
 
 PAPER_GLOBAL_SIZE, PAPER_SMALL_SIZE = 224, 96
@@ -40,26 +42,36 @@ def small_crop_size(cfg: MethodConfig, resolution: int) -> int:
     return cfg.small_crop_size or max(1, round(resolution * PAPER_SMALL_SIZE / PAPER_GLOBAL_SIZE))
 
 
+def multi_crop_views(cfg: MethodConfig, resolution: int) -> tuple[ViewSpec, ...]:
+    """[global, small_1, ..., small_n]: view key 0 is the global crop, keys 1..n the small ones."""
+    small = ViewSpec(cfg.small_recipe, small_crop_size(cfg, resolution))
+    return (ViewSpec(cfg.global_recipe, resolution),) + (small,) * cfg.num_small_crops
+
+
 class SEEDSmallPatch(SEED):
     num_views: tuple[ViewSpec, ...]
     """The views the data stream makes per image: [global, small_1, ..., small_n] (view keys 0..n)."""
 
-    def __init__(self, student: Encoder, teacher: FrozenTeacher, cfg: MethodConfig, resolution: int):
+    def __init__(self, student: Encoder, teacher: Optional[FrozenTeacher], cfg: MethodConfig, resolution: int):
         super().__init__(student, teacher, cfg)  # the global queue: self.queue
         self.small_queue = EmbeddingQueue(cfg.queue_size, cfg.dim)
-        small = ViewSpec(cfg.small_recipe, small_crop_size(cfg, resolution))
-        self.num_views = (ViewSpec(cfg.global_recipe, resolution),) + (small,) * cfg.num_small_crops
+        self.num_views = multi_crop_views(cfg, resolution)
 
     @property
     def view_specs(self) -> tuple[ViewSpec, ...]:
         return self.num_views
 
-    def compute(self, views: list[torch.Tensor], student: nn.Module, with_stats: bool = False) -> StepOutput:
-        """views: [global [B, 3, R, R], small_1 [B, 3, r, r], ..., small_n]. The small crops run as one batch
-        [n x B] in view-major order, so rows 0..B-1 are every image's first small crop."""
+    def compute(self, views: list[torch.Tensor], student: nn.Module, with_stats: bool = False,
+                targets: Optional[list[torch.Tensor]] = None) -> StepOutput:
+        """views: [global [B, 3, R, R], small_1 [B, 3, r, r], ..., small_n]; targets: their cached teacher
+        embeddings or None. The small crops run as one batch [n x B] in view-major order, so rows 0..B-1 are
+        every image's first small crop."""
         x, small = views[0], torch.cat(views[1:])
         batch = x.shape[0]
-        t, t_small = self.teacher(x), self.teacher(small)   # teacher embeddings: frozen, no grad
+        if targets is None:  # the teacher sees the small crops as one batch, as the student does
+            t, t_small = teacher_embeddings(self.teacher, [x, small], None)
+        else:
+            t, t_small = targets[0], torch.cat(targets[1:])
         s, s_small = student(x), student(small)             # student embeddings of the same crops
         loss_global = seed_loss(s, t, self.queue.embeddings, tau_s=self.tau_s, tau_t=self.tau_t)
         loss_small = seed_loss(s_small, t_small, self.small_queue.embeddings, tau_s=self.tau_s, tau_t=self.tau_t)
