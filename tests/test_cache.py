@@ -218,3 +218,20 @@ def test_writer_refuses_a_partial_precompute_of_another_cache(fmnist_small, tmp_
     other = writer_for(cfg_for(fmnist_small, tmp_path, "mode=precompute", f"cache.path={tmp_path / 'c'}", "seed=5"))
     with pytest.raises(CacheError, match=r"started for another cache \(differs in .*seed"):
         other.prepare()
+
+
+def test_small_patch_training_from_the_cache_computes_the_live_losses(fmnist_small, tmp_path):
+    """seed_small_patch caches the global and every small crop's embedding; both queues fill as live."""
+    small = ("method=seed_small_patch", "method.num_small_crops=2", "cache.views=1")
+    summary = precompute(cfg_for(fmnist_small, tmp_path, "mode=precompute", *small), DistEnv.detect(), Preemption(),
+                         torch.device("cpu"))
+    assert read_manifest(Path(summary["path"]))["crops"] == 3
+    losses, queues = {}, {}
+    for mode in ("on", "off"):
+        trainer = Trainer(cfg_for(fmnist_small, tmp_path, f"teacher.cache={mode}", "optim.max_steps=3", *small),
+                          DistEnv.detect(), Preemption())
+        batches = iter(trainer.data)
+        losses[mode] = [trainer.train_step(next(batches)).loss.item() for _ in range(3)]
+        queues[mode] = trainer.method.small_queue.queue.clone()
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(queues["on"], queues["off"], rtol=0, atol=1e-5)
