@@ -55,6 +55,11 @@ class KNNConfig:
     """Memory budget of one [queries, bank] similarity block; the query chunk is sized from it."""
     batch_size: int = 256
     """Images per forward pass of the feature extraction (per rank)."""
+    batches_per_chunk: int = 50
+    """Extracted features are written every `batches_per_chunk` batches, one file per chunk: the unit a
+    requeued job resumes from (at most one chunk per rank is recomputed after a preemption)."""
+    keep_features: bool = False
+    """Keep the extracted feature chunks after the kNN has run (default: delete them once results are written)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,6 +71,8 @@ class KNNConfig:
             problems.append(f"knn.max_chunk_mb={self.max_chunk_mb} must be > 0")
         if self.batch_size < 1:
             problems.append(f"knn.batch_size={self.batch_size} must be >= 1")
+        if self.batches_per_chunk < 1:
+            problems.append(f"knn.batches_per_chunk={self.batches_per_chunk} must be >= 1")
         _raise_if(problems)
 
 
@@ -167,7 +174,8 @@ def eval_hash(cfg: EvalConfig, kind: str) -> str:
     content = {"kind": kind, "seed": cfg.seed, "source": asdict(cfg.source),
                "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("num_workers", "os_cache")}
                if cfg.data else None,
-               kind: asdict(cfg.knn if kind == "knn" else cfg.linear)}
+               kind: {k: v for k, v in asdict(cfg.knn if kind == "knn" else cfg.linear).items()
+                      if k != "keep_features"}}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 
