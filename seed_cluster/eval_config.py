@@ -25,8 +25,6 @@ from .config import ClusterConfig, DataConfig
 from .errors import ConfigError
 from .online_knn_config import OnlineKNNConfig  # noqa: F401 - re-exported
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def _raise_if(problems: list[str]) -> None:
     if problems:
@@ -185,28 +183,16 @@ def register() -> None:
     ConfigStore.instance().store(name="eval_base_config", node=EvalConfig)
 
 
+KEYS_HINT = "`python launch/eval.py --cfg` (or launch/linear.py --cfg) prints every key"
+"""How to see the valid keys of the evaluation config (not launch/slurm.py: that is the training config)."""
+
+
 def load_eval_config(overrides: Sequence[str]) -> EvalConfig:
     """Compose conf/eval.yaml with `overrides` into a validated EvalConfig (ConfigError on any problem)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from .launcher import _one_line
+    from .launcher import compose_validated
 
     register()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose(config_name="eval", overrides=list(overrides))
-        cfg = OmegaConf.to_object(composed)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", "?")
-        raise ConfigError(f"{key} is required but not set; pass {key}=...") from None
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
-    return _absolute_paths(cfg)
+    return _absolute_paths(compose_validated("eval", EvalConfig, overrides, KEYS_HINT))
 
 
 def _absolute_paths(cfg: EvalConfig) -> EvalConfig:

@@ -83,6 +83,16 @@ def test_eval_config_rejects_unknown_keys_and_bad_values():
         load_eval_config([])
 
 
+def test_eval_config_errors_name_the_eval_launchers_and_list_every_problem():
+    with pytest.raises(ConfigError) as unknown:
+        load_eval_config(["source.checkpoint=x", "linear.epoch=3"])
+    assert "launch/eval.py --cfg" in str(unknown.value) and "slurm.py" not in str(unknown.value)
+    with pytest.raises(ConfigError) as several:
+        load_eval_config(["source.checkpoint=x", "knn.batches_per_chunk=0", "linear.epochs=0", "nodes=0"])
+    message = str(several.value)
+    assert "knn.batches_per_chunk=0" in message and "linear.epochs=0" in message and "nodes=0" in message
+
+
 @pytest.mark.slow
 def test_two_rank_knn_job_matches_the_single_process_result(tmp_path, fmnist_small):
     import subprocess
