@@ -172,7 +172,13 @@ def load_backbone(checkpoint: str | Path, arch: Optional[str] = None) -> LoadedB
         raise ConfigError(f"{path} does not say which architecture it holds; pass source.arch=<timm name>")
     check_arch(arch, "source.arch")
     backbone = build_backbone(arch, "source.arch")
-    if fmt == "seed":  # SEED release: module.student.* is the student; teacher and queue are left aside
+    # The SEED release layout this assumes (as issue #6 describes it; no released file was downloaded to check
+    # it against): torch.save({"state_dict": {...}, "epoch", "arch"}) of the DDP-wrapped SEED module, so every
+    # key starts with "module.": "module.student.<backbone key>" with the timm/torchvision name of the student's
+    # backbone, "module.student.<fc|classifier>.{0,2}.*" its MLP head where the classifier was, plus
+    # "module.teacher.*", "module.queue" and "module.queue_ptr", which are ignored. A file with another layout
+    # fails the strict load below with the differing keys listed. tests/eval_fixtures.py writes this layout.
+    if fmt == "seed":
         state = {_strip(k, ("module.",))[len("student."):]: v for k, v in state.items()
                  if _strip(k, ("module.",)).startswith("student.")}
     else:
