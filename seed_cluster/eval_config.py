@@ -96,6 +96,11 @@ class LinearConfig:
     """0: read it from the training set's manifest."""
     max_steps_per_epoch: int = 0
     """Cap on the steps of one epoch (0: the whole training set); for smoke tests."""
+    feature_norm: bool = False
+    """Put a BatchNorm without affine parameters in front of the linear layer (MAE's linear probe). The
+    classifier stays linear in the frozen features (at evaluation the normalisation is a fixed affine map),
+    but SGD no longer depends on their scale. Off in SEED's protocol; backbones whose feature dimensions
+    differ widely in scale (EfficientNet / MobileNetV3 students trained briefly) need it to learn at all."""
 
     def __post_init__(self) -> None:
         problems = []
