@@ -6,6 +6,7 @@ Signals are real (os.kill to this process); submitit's requeue is replaced by a 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -130,3 +131,37 @@ def test_remaining_chunks_are_dealt_round_robin_in_increasing_order():
     assert shares == [[1, 5], [2, 6], [4, 7]]
     assert sorted(i for s in shares for i in s) == [1, 2, 4, 5, 6, 7]
     assert my_chunks(list(range(8)), 8, 0, 2) == []
+
+
+@pytest.mark.slow
+def test_two_rank_local_knn_job_signalled_mid_extraction_requeues_and_matches_one_process(
+        fmnist_small, source, tmp_path):
+    """cluster=local (two gloo processes): USR2 to rank 0 mid-extraction -> submitit's local requeue ->
+    the next attempt extracts only what is missing; the results equal a single-process run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_preemption import local_rank0_pid
+
+    reference = run_knn(_cfg(fmnist_small, source, tmp_path / "whole"))
+    out = tmp_path / "job"
+    job = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "eval.py"), f"source.checkpoint={source}", f"run_dir={out}",
+         "device=cpu", "data=fashion_mnist", f"data.train={fmnist_small / 'train.beton'}",
+         f"data.val={fmnist_small / 'test.beton'}", "data.num_workers=1", "knn.batch_size=32",
+         "knn.batches_per_chunk=2", "knn.keep_features=true", "cluster=local", "cluster.tasks_per_node=2",
+         "cluster.cpus_per_task=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "features").glob("train/chunk-*.pt")):
+        assert time.monotonic() < deadline and job.poll() is None, "no feature chunk written"
+        time.sleep(0.05)
+    os.kill(local_rank0_pid(out / "submitit"), signal.SIGUSR2)
+    output = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, output[-3000:]
+    assert "requeueing kNN evaluation" in output and "chunks done" in output, output[-3000:]
+    assert "resuming the kNN feature extraction" in output, output[-3000:]
+    knn = json.loads((out / "knn.json").read_text())["results"]
+    timing = {"knn_extract_s", "knn_search_s"}
+    assert {k: v for k, v in knn.items() if k not in timing} == pytest.approx(
+        {k: v for k, v in reference.items() if k not in timing})
