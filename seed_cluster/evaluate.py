@@ -10,7 +10,8 @@ a contiguous shard and the features are gathered back into file order.
 
 `python -m seed_cluster.evaluate RUN_OR_CHECKPOINT [--pixels]` prints kNN top-1/top-5 (k = 20
 and k = 1) with the full training set as the bank and with 10 labelled images per class, in
-this process. `launch/eval.py` runs the same kNN as a (multi-rank, SLURM-able) job: `KNNJob`.
+this process. `launch/eval.py` runs the same kNN as a (multi-rank, SLURM-able) job: `KNNJob`, whose
+feature extraction resumes by chunk after a preemption (`feature_store`).
 """
 
 from __future__ import annotations
