@@ -545,6 +545,9 @@ def preflight(cfg, kind: str) -> None:
             check()
         except SeedClusterError as e:
             problems.append(str(e))
+    from .launcher import cluster_problems
+
+    problems += cluster_problems(cfg.cluster)
     if problems:
         raise ConfigError("; ".join(dict.fromkeys(problems)))
 

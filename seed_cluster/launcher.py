@@ -128,12 +128,7 @@ def preflight(cfg: TrainConfig) -> None:
             check()
         except SeedClusterError as e:
             problems.append(str(e))
-    if cfg.cluster.backend == "slurm" and shutil.which("sbatch") is None:
-        problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
-                        "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
-    if cfg.cluster.backend == "slurm" and cfg.cluster.timeout_min < 1:
-        problems.append(f"cluster.timeout_min={cfg.cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
-                        "minutes)")
+    problems += cluster_problems(cfg.cluster)
     if not problems and cfg.mode == "precompute":
         from .precompute import cache_summary, check_space
 
@@ -144,6 +139,18 @@ def preflight(cfg: TrainConfig) -> None:
         _cache_ready(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def cluster_problems(cluster) -> list[str]:
+    """What is wrong with cfg.cluster before submitting (training and evaluation jobs alike)."""
+    problems = []
+    if cluster.backend == "slurm" and shutil.which("sbatch") is None:
+        problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
+                        "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
+    if cluster.backend == "slurm" and cluster.timeout_min < 1:
+        problems.append(f"cluster.timeout_min={cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
+                        "minutes)")
+    return problems
 
 
 def _cache_ready(cfg: TrainConfig, problems: list[str]) -> None:
