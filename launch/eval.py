@@ -5,8 +5,9 @@
     python launch/eval.py source.checkpoint=export/resnet18.pt data=imagenet cluster=slurm nodes=2
     python launch/eval.py source.checkpoint=seed_r18.pth source.arch=resnet18 data=imagenet knn.k=[20,200]
 
-Each rank extracts a shard of the train and val features (centre view); rank 0 runs the
-chunked search and writes <run>/results.json (section knn). Config: conf/eval.yaml
+Each rank extracts its share of the train and val feature chunks (centre view, knn.batches_per_chunk
+batches each); a preempted job resumes from the chunks already on disk. Rank 0 runs the chunked
+search and writes <run>/results.json (section knn). Config: conf/eval.yaml
 (seed_cluster.eval_config.EvalConfig); print it with --cfg.
 """
 

@@ -61,6 +61,17 @@ def all_reduce_max(value: float | int | bool) -> float:
     return float(t.item())
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank (any picklable value; through the gloo control group, so no GPU
+    stream is involved). Used where ranks must act on one view of shared state, e.g. which feature
+    chunks a resumed job still has to extract: each rank listing the directory itself could disagree."""
+    if not is_distributed() or world_size() == 1:
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=_cpu_group())
+    return box[0]
+
+
 # -- process-group set-up --------------------------------------------------------------------------------
 
 RENDEZVOUS_TIMEOUT_S = 300

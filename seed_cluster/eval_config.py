@@ -25,8 +25,6 @@ from .config import ClusterConfig, DataConfig
 from .errors import ConfigError
 from .online_knn_config import OnlineKNNConfig  # noqa: F401 - re-exported
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def _raise_if(problems: list[str]) -> None:
     if problems:
@@ -55,6 +53,11 @@ class KNNConfig:
     """Memory budget of one [queries, bank] similarity block; the query chunk is sized from it."""
     batch_size: int = 256
     """Images per forward pass of the feature extraction (per rank)."""
+    batches_per_chunk: int = 50
+    """Extracted features are written every `batches_per_chunk` batches, one file per chunk: the unit a
+    requeued job resumes from (at most one chunk per rank is recomputed after a preemption)."""
+    keep_features: bool = False
+    """Keep the extracted feature chunks after the kNN has run (default: delete them once results are written)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,6 +69,8 @@ class KNNConfig:
             problems.append(f"knn.max_chunk_mb={self.max_chunk_mb} must be > 0")
         if self.batch_size < 1:
             problems.append(f"knn.batch_size={self.batch_size} must be >= 1")
+        if self.batches_per_chunk < 1:
+            problems.append(f"knn.batches_per_chunk={self.batches_per_chunk} must be >= 1")
         _raise_if(problems)
 
 
@@ -91,6 +96,11 @@ class LinearConfig:
     """0: read it from the training set's manifest."""
     max_steps_per_epoch: int = 0
     """Cap on the steps of one epoch (0: the whole training set); for smoke tests."""
+    feature_norm: bool = False
+    """Put a BatchNorm without affine parameters in front of the linear layer (MAE's linear probe). The
+    classifier stays linear in the frozen features (at evaluation the normalisation is a fixed affine map),
+    but SGD no longer depends on their scale. Off in SEED's protocol; backbones whose feature dimensions
+    differ widely in scale (EfficientNet / MobileNetV3 students trained briefly) need it to learn at all."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -167,7 +177,8 @@ def eval_hash(cfg: EvalConfig, kind: str) -> str:
     content = {"kind": kind, "seed": cfg.seed, "source": asdict(cfg.source),
                "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("num_workers", "os_cache")}
                if cfg.data else None,
-               kind: asdict(cfg.knn if kind == "knn" else cfg.linear)}
+               kind: {k: v for k, v in asdict(cfg.knn if kind == "knn" else cfg.linear).items()
+                      if k != "keep_features"}}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -177,28 +188,16 @@ def register() -> None:
     ConfigStore.instance().store(name="eval_base_config", node=EvalConfig)
 
 
+KEYS_HINT = "`python launch/eval.py --cfg` (or launch/linear.py --cfg) prints every key"
+"""How to see the valid keys of the evaluation config (not launch/slurm.py: that is the training config)."""
+
+
 def load_eval_config(overrides: Sequence[str]) -> EvalConfig:
     """Compose conf/eval.yaml with `overrides` into a validated EvalConfig (ConfigError on any problem)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from .launcher import _one_line
+    from .launcher import compose_validated
 
     register()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose(config_name="eval", overrides=list(overrides))
-        cfg = OmegaConf.to_object(composed)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", "?")
-        raise ConfigError(f"{key} is required but not set; pass {key}=...") from None
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
-    return _absolute_paths(cfg)
+    return _absolute_paths(compose_validated("eval", EvalConfig, overrides, KEYS_HINT))
 
 
 def _absolute_paths(cfg: EvalConfig) -> EvalConfig:

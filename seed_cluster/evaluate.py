@@ -10,7 +10,8 @@ a contiguous shard and the features are gathered back into file order.
 
 `python -m seed_cluster.evaluate RUN_OR_CHECKPOINT [--pixels]` prints kNN top-1/top-5 (k = 20
 and k = 1) with the full training set as the bank and with 10 labelled images per class, in
-this process. `launch/eval.py` runs the same kNN as a (multi-rank, SLURM-able) job: `KNNJob`.
+this process. `launch/eval.py` runs the same kNN as a (multi-rank, SLURM-able) job: `KNNJob`, whose
+feature extraction resumes by chunk after a preemption (`feature_store`).
 """
 
 from __future__ import annotations
@@ -172,7 +173,13 @@ def load_backbone(checkpoint: str | Path, arch: Optional[str] = None) -> LoadedB
         raise ConfigError(f"{path} does not say which architecture it holds; pass source.arch=<timm name>")
     check_arch(arch, "source.arch")
     backbone = build_backbone(arch, "source.arch")
-    if fmt == "seed":  # SEED release: module.student.* is the student; teacher and queue are left aside
+    # The SEED release layout this assumes (as issue #6 describes it; no released file was downloaded to check
+    # it against): torch.save({"state_dict": {...}, "epoch", "arch"}) of the DDP-wrapped SEED module, so every
+    # key starts with "module.": "module.student.<backbone key>" with the timm/torchvision name of the student's
+    # backbone, "module.student.<fc|classifier>.{0,2}.*" its MLP head where the classifier was, plus
+    # "module.teacher.*", "module.queue" and "module.queue_ptr", which are ignored. A file with another layout
+    # fails the strict load below with the differing keys listed. tests/eval_fixtures.py writes this layout.
+    if fmt == "seed":
         state = {_strip(k, ("module.",))[len("student."):]: v for k, v in state.items()
                  if _strip(k, ("module.",)).startswith("student.")}
     else:
@@ -379,47 +386,74 @@ def num_samples(path: str) -> tuple[int, int]:
     return int(manifest["num_samples"]), int(manifest.get("num_classes") or 0)
 
 
-def run_knn(cfg, env=None) -> Optional[dict[str, float]]:
-    """The offline kNN of `cfg` (an EvalConfig) on this rank; rank 0 returns and records the results."""
-    from .distributed import DistEnv
+def run_knn(cfg, env=None, preemption=None) -> Optional[dict[str, float]]:
+    """The offline kNN of `cfg` (an EvalConfig) on this rank; rank 0 returns and records the results.
+
+    Features are extracted into resumable chunk stores (`feature_store`): a requeued job extracts only
+    the chunks its previous attempts did not finish.
+    """
+    import shutil
+
+    from .distributed import DistEnv, broadcast_object
+    from .feature_store import extract_chunks, my_chunks, read_all, resolve_source, stores_for
+    from .preemption import Preemption
     from .report import record
     from .trainer import pick_device
 
     env = env or DistEnv.detect()
+    preemption = preemption or Preemption()
     device = pick_device(cfg.device, env.local_rank)
-    loaded = load_backbone(cfg.source.checkpoint, cfg.source.arch)
     data = source_data(cfg.data, cfg.source.checkpoint)
     if not data.val:
         raise ConfigError("kNN needs a labelled held-out set: set data.val=FILE.beton")
-    backbone = loaded.backbone.to(device)
+    features_dir = eval_dir(cfg, "knn") / "features"
+    splits = {"train": data.train, "val": data.val}
+    counts = {name: num_samples(path) for name, path in splits.items()}
+    sizes = {name: n for name, (n, _) in counts.items()}
+    chunk_size = cfg.knn.batch_size * cfg.knn.batches_per_chunk
+    # One collective, before any extraction: every rank gets rank 0's source and list of finished chunks.
+    plan = None
+    if env.rank == 0:
+        source = resolve_source(features_dir, cfg.source.checkpoint)
+        stores = stores_for(features_dir, splits, sizes, chunk_size, source)
+        for store in stores.values():
+            store.prepare()
+        plan = {"source": source, "done": {name: store.done() for name, store in stores.items()}}
+        if any(plan["done"].values()):
+            logger.info("resuming the kNN feature extraction: %s", ", ".join(s.progress() for s in stores.values()))
+    plan = broadcast_object(plan)
+    loaded = load_backbone(plan["source"], cfg.source.arch)
+    backbone = loaded.backbone.to(device).eval()
+    stores = stores_for(features_dir, splits, sizes, chunk_size, plan["source"])
     start = time.perf_counter()
-    n_train, c_train = num_samples(data.train)
-    n_val, c_val = num_samples(data.val)
-    train = extract_sharded(backbone, data.train, data, device, env.rank, env.world_size, n_train,
-                            cfg.knn.batch_size)
-    val = extract_sharded(backbone, data.val, data, device, env.rank, env.world_size, n_val, cfg.knn.batch_size)
+    extracted = sum(extract_chunks(store, my_chunks(plan["done"][name], len(store.ranges), env.rank, env.world_size),
+                                   backbone, data, device, cfg.knn.batch_size, env.rank, preemption)
+                    for name, store in stores.items())
+    features = read_all(stores, env.rank, preemption)
     extract_s = time.perf_counter() - start
-    if env.rank != 0:
+    if features is None:
         return None
-    num_classes = max(c_train, c_val, int(train[1].max()) + 1, int(val[1].max()) + 1)
+    train, val = features["train"], features["val"]
+    num_classes = max(counts["train"][1], counts["val"][1], int(train[1].max()) + 1, int(val[1].max()) + 1)
     start = time.perf_counter()
     results = knn_report(train, val, num_classes, per_class=0, ks=tuple(cfg.knn.k),
                          temperature=cfg.knn.temperature, max_chunk_mb=cfg.knn.max_chunk_mb)
     results.update({"knn_train_samples": float(len(train[1])), "knn_val_samples": float(len(val[1])),
                     "knn_extract_s": extract_s, "knn_search_s": time.perf_counter() - start})
-    directory = eval_dir(cfg, "knn")
-    directory.mkdir(parents=True, exist_ok=True)
     from .report import write_json_atomic
 
-    write_json_atomic(directory / "knn.json", {"source": str(loaded.path), "results": results})
+    write_json_atomic(features_dir.parent / "knn.json", {"source": str(loaded.path), "results": results})
     record(results_dir(cfg, "knn"), "knn", {k: v for k, v in results.items() if k.startswith("knn")},
            {**loaded.meta, "source": str(loaded.path)})
-    logger.info("kNN of %s: %s", loaded.path, json.dumps(results))
+    logger.info("kNN of %s (%d feature chunks extracted by this rank in this attempt): %s", loaded.path,
+                extracted, json.dumps(results))
+    if not cfg.knn.keep_features:
+        shutil.rmtree(features_dir, ignore_errors=True)
     return results
 
 
 class KNNJob(submitit.helpers.Checkpointable):
-    """submitit callable of the offline kNN: every rank extracts its shard; a requeue starts it again."""
+    """submitit callable of the offline kNN; a requeue resumes the feature extraction from its finished chunks."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -427,19 +461,28 @@ class KNNJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Optional[dict[str, float]]:
         from .distributed import DistEnv, backend_for, init_process_group
         from .job import setup_logging
+        from .preemption import Preemption
 
+        preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
         env = DistEnv.detect()
         setup_logging(env)
         directory = eval_dir(self.cfg, "knn")
         directory.mkdir(parents=True, exist_ok=True)
         try:
             init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
-            return run_knn(self.cfg, env)
+            return run_knn(self.cfg, env, preemption)
         except SeedClusterError as e:
             logger.error("%s", e)
             raise
+        finally:
+            preemption.uninstall()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 after the ranks left: requeue the same job (config only)."""
+        from .feature_store import progress
+
+        directory = eval_dir(self.cfg, "knn")
+        logger.info("requeueing kNN evaluation %s (%s)", directory, progress(directory / "features"))
         return submitit.helpers.DelayedSubmission(KNNJob(self.cfg))
 
 
@@ -502,6 +545,9 @@ def preflight(cfg, kind: str) -> None:
             check()
         except SeedClusterError as e:
             problems.append(str(e))
+    from .launcher import cluster_problems
+
+    problems += cluster_problems(cfg.cluster)
     if problems:
         raise ConfigError("; ".join(dict.fromkeys(problems)))
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .checkpoint import atomic_write
 from .errors import SeedClusterError
 from .evaluate import load_backbone
 from .report import write_json_atomic
@@ -34,19 +34,11 @@ EXPORT_FORMAT = "seed-cluster-export"
 
 
 def _save_atomic(obj: object, path: Path) -> str:
-    """torch.save through a temporary file; returns the sha256 of the bytes written."""
+    """torch.save through `checkpoint.atomic_write`; returns the sha256 of the bytes written."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(data))
     return hashlib.sha256(data).hexdigest()
 
 

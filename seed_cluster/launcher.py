@@ -25,20 +25,34 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 logger = logging.getLogger(__name__)
 
 
+KEYS_HINT = "`python launch/slurm.py --cfg` prints every key"
+"""How to see the valid keys of the training config (the evaluation jobs have their own)."""
+
+
 def load_config(overrides: Sequence[str]) -> TrainConfig:
     """Compose conf/config.yaml with `overrides` into a validated TrainConfig (ConfigError on any problem)."""
     register()
+    return _absolute_paths(compose_validated("config", TrainConfig, overrides, KEYS_HINT))
+
+
+def compose_validated(config_name: str, root: type, overrides: Sequence[str], keys_hint: str):
+    """Compose conf/<config_name>.yaml with `overrides` into a validated instance of the dataclass `root`.
+
+    Serves the training config and the evaluation config alike (the schema must already be in the
+    ConfigStore). Every problem becomes one ConfigError line: all the sections' validation messages at
+    once, a missing mandatory key with the `key=...` to pass, or Hydra's own error folded into one line
+    (an unknown key ends with `keys_hint`: which launch/ script prints every key).
+    """
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose(config_name="config", overrides=list(overrides))
-        cfg = OmegaConf.to_object(composed)
+            composed = compose(config_name=config_name, overrides=list(overrides))
+        return OmegaConf.to_object(composed)
     except (ConfigError, MissingMandatoryValue) as first:
         # to_object stops at the first section that fails (invalid or missing value): report them all at once.
         fallback = _missing(first) if isinstance(first, MissingMandatoryValue) else str(first)
-        raise ConfigError("; ".join(_all_problems(composed)) or fallback) from None
+        raise ConfigError("; ".join(_all_problems(composed, root)) or fallback) from None
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
-    return _absolute_paths(cfg)
+        raise ConfigError(_one_line(e, keys_hint)) from None
 
 
 def _missing(e: MissingMandatoryValue) -> str:
@@ -47,10 +61,10 @@ def _missing(e: MissingMandatoryValue) -> str:
     return f"{key} is required but not set; pass {key}=...{hint}"
 
 
-def _all_problems(composed) -> list[str]:
+def _all_problems(composed, root: type) -> list[str]:
     """The validation message of every section (and of the top-level keys) of a composed config."""
     problems, scalars = [], {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(root):
         node = composed[f.name]
         if not OmegaConf.is_config(node):
             scalars[f.name] = node
@@ -62,13 +76,15 @@ def _all_problems(composed) -> list[str]:
         except MissingMandatoryValue as e:
             problems.append(_missing(e))
     try:
-        TrainConfig(**scalars)  # default sections: only the top-level checks can fail here
+        root(**scalars)  # default sections: only the top-level checks can fail here
     except ConfigError as e:
         problems.append(str(e))
+    except MissingMandatoryValue as e:
+        problems.append(_missing(e))
     return problems
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, keys_hint: str = KEYS_HINT) -> str:
     """Hydra/OmegaConf errors folded into one line: the message, its cause, no search-path dump."""
     parts = []
     while e is not None and len(parts) < 3:
@@ -79,7 +95,7 @@ def _one_line(e: BaseException) -> str:
         e = e.__cause__
     line = ": ".join(parts)
     if "not in '" in line or "not in struct" in line:
-        line += " (unknown key: check its spelling; `python launch/slurm.py --cfg` prints every key)"
+        line += f" (unknown key: check its spelling; {keys_hint})"
     return line
 
 
@@ -112,12 +128,7 @@ def preflight(cfg: TrainConfig) -> None:
             check()
         except SeedClusterError as e:
             problems.append(str(e))
-    if cfg.cluster.backend == "slurm" and shutil.which("sbatch") is None:
-        problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
-                        "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
-    if cfg.cluster.backend == "slurm" and cfg.cluster.timeout_min < 1:
-        problems.append(f"cluster.timeout_min={cfg.cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
-                        "minutes)")
+    problems += cluster_problems(cfg.cluster)
     if not problems and cfg.mode == "precompute":
         from .precompute import cache_summary, check_space
 
@@ -128,6 +139,18 @@ def preflight(cfg: TrainConfig) -> None:
         _cache_ready(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def cluster_problems(cluster) -> list[str]:
+    """What is wrong with cfg.cluster before submitting (training and evaluation jobs alike)."""
+    problems = []
+    if cluster.backend == "slurm" and shutil.which("sbatch") is None:
+        problems.append("cluster=slurm but `sbatch` is not on PATH; run here with cluster=local, or start the "
+                        "local test cluster (launch/local_cluster.sh start) and eval \"$(launch/local_cluster.sh env)\"")
+    if cluster.backend == "slurm" and cluster.timeout_min < 1:
+        problems.append(f"cluster.timeout_min={cluster.timeout_min} must be >= 1 (SLURM time limits are whole "
+                        "minutes)")
+    return problems
 
 
 def _cache_ready(cfg: TrainConfig, problems: list[str]) -> None:

@@ -7,6 +7,8 @@ Training views: RandomResizedCrop(resolution, scale 0.08-1) + horizontal flip, s
 (seed, epoch, sample index) like every view in this project; validation: resize to
 resolution / 0.875 and centre crop (256 -> 224 at ImageNet size). Works for any backbone
 `load_backbone` reads: this project's runs, exported weights, SEED release students.
+`linear.feature_norm=true` (off by default) adds MAE's parameter-free BatchNorm in front of the
+layer, for backbones whose feature scales differ too much for plain SGD (see `build_head`).
 
 Fault tolerance as in training: what to resume from is found at job start by listing the
 evaluation directory; the linear layer, optimizer, data position, epoch history and the
@@ -51,6 +53,14 @@ def build_classifier(width: int, num_classes: int, init_std: float) -> nn.Linear
     return fc
 
 
+def build_head(fc: nn.Linear, feature_norm: bool) -> nn.Module:
+    """`fc`, or with linear.feature_norm BatchNorm1d(affine=False) then `fc` (MAE's linear probe). Under DDP the
+    running statistics follow rank 0's (DDP broadcasts buffers), so every rank validates the same head."""
+    if not feature_norm:
+        return fc
+    return nn.Sequential(nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6), fc)
+
+
 def lr_at(epoch: int, peak: float, milestones: list[int], gamma: float) -> float:
     """Step schedule: `peak` x gamma^(number of milestones <= epoch)."""
     return peak * gamma ** sum(epoch >= m for m in milestones)
@@ -93,8 +103,8 @@ class LinearEval:
             raise ConfigError(f"{self.data.train} declares {classes} classes; set linear.num_classes")
         torch.manual_seed(cfg.seed)  # the same initial layer on every rank
         self.fc = build_classifier(feature_width(self.backbone), self.num_classes, cfg.linear.init_std)
-        self.fc = self.fc.to(self.device)
-        self.model = self._wrap(self.fc)
+        self.head = build_head(self.fc, cfg.linear.feature_norm).to(self.device)
+        self.model = self._wrap(self.head)
         self.stream = TrainStream(self.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                   num_views=[ViewSpec(linear_recipe(cfg.linear), self.data.resolution)],
                                   device=self.device)
@@ -127,7 +137,7 @@ class LinearEval:
         if ckpt.get("eval_hash") != eval_hash(self.cfg, "linear"):
             raise CheckpointError(f"{self.dir} holds a linear evaluation of another configuration; "
                                   "use another run_dir")
-        self.fc.load_state_dict(ckpt["fc"])
+        self.head.load_state_dict(ckpt["head"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.stream.load_state_dict(ckpt["data"])
         self.step, self.history = int(ckpt["step"]), list(ckpt["history"])
@@ -141,7 +151,7 @@ class LinearEval:
 
         if self.env.rank == 0:
             self.checkpointer.save({
-                "step": self.step, "fc": self.fc.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "data": self.stream.state_dict(), "history": self.history, "source": str(self.loaded.path),
                 "arch": self.loaded.arch, "eval_hash": eval_hash(self.cfg, "linear"),
                 "config": {"linear": vars(self.cfg.linear).copy(), "seed": self.cfg.seed},
@@ -240,9 +250,11 @@ class LinearEval:
             self._val_cache = (torch.cat(features), torch.cat(labels))
         features, labels = self._val_cache
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.head.eval()  # feature_norm: the running statistics, not the batch's
         for start in range(0, len(labels), 4096):
-            logits = self.fc(features[start:start + 4096])
+            logits = self.head(features[start:start + 4096])
             counts[:2] += topk_correct(logits, labels[start:start + 4096])
+        self.head.train()
         counts[2] = len(labels)
         if is_distributed():
             dist.all_reduce(counts)

@@ -60,7 +60,8 @@ def precompute(cfg: TrainConfig, env: DistEnv, preemption: Preemption, device: t
         if problem := writer.free_space_problem():
             raise CacheError(problem)
     else:
-        _wait_for(lambda: (writer.partial / "fingerprint.json").exists(), preemption, env.rank)
+        preemption.wait_until(lambda: (writer.partial / "fingerprint.json").exists(), env.rank,
+                              lambda: "the cache not yet prepared by rank 0", POLL_S)
     mine = [i for i in range(len(writer.ranges)) if i % env.world_size == env.rank and i not in writer.done()]
     specs = view_specs(cfg)
     teacher = load_teacher(cfg.teacher, cfg.method.dim, seed=cfg.seed).to(device)
@@ -82,13 +83,14 @@ def precompute(cfg: TrainConfig, env: DistEnv, preemption: Preemption, device: t
             done_images += len(indices)
             bar.update(len(indices))
             bar.set_postfix(views_per_s=f"{done_images * writer.views * writer.crops / (time.perf_counter() - started):.0f}")
-            if preemption.received != NO_SIGNAL:
-                _stop(preemption, env.rank, i)
+            if preemption.received != NO_SIGNAL:  # the unfinished chunk is dropped: only it is recomputed
+                preemption.leave(env.rank, f"chunk {i} unfinished, {_progress(writer)}")
         writer.write_chunk(i, chunk)
     bar.close()
     if env.rank != 0:
         return None
-    _wait_for(lambda: len(writer.done()) == len(writer.ranges), preemption, env.rank)
+    preemption.wait_until(lambda: len(writer.done()) == len(writer.ranges), env.rank, lambda: _progress(writer),
+                          POLL_S)
     path = writer.finish()
     seconds = time.perf_counter() - started
     logger.info("teacher feature cache complete: %s (%d images embedded here in %.0f s, %.1f images/s)", path,
@@ -96,17 +98,8 @@ def precompute(cfg: TrainConfig, env: DistEnv, preemption: Preemption, device: t
     return {"path": str(path), "computed_chunks": len(mine), "images_per_s": done_images / max(seconds, 1e-9)}
 
 
-def _stop(preemption: Preemption, rank: int, chunk: int) -> None:
-    """A signal: leave without writing the unfinished chunk (the requeued job recomputes only that one)."""
-    logger.info("signal received: stopping before chunk %d is complete", chunk)
-    preemption.requeue_or_exit(preemption.received, rank, chunk)
-
-
-def _wait_for(condition, preemption: Preemption, rank: int) -> None:
-    while not condition():
-        if preemption.received != NO_SIGNAL:
-            _stop(preemption, rank, -1)
-        time.sleep(POLL_S)
+def _progress(writer: CacheWriter) -> str:
+    return f"{len(writer.done())}/{len(writer.ranges)} teacher-cache chunks done"
 
 
 def cache_summary(cfg: TrainConfig) -> str:

@@ -83,22 +83,43 @@ class Preemption:
         """The strongest request on any rank (a collective: every rank must call it at the same step)."""
         return int(all_reduce_max(self.received))
 
-    def requeue_or_exit(self, decision: int, rank: int, step: int) -> None:
+    def requeue_or_exit(self, decision: int, rank: int, step: int, progress: Optional[str] = None) -> None:
         """After the collective save: rank 0 requeues through submitit (USR2); everyone else exits.
 
         Never returns. On rank 0 with REQUEUE, submitit's handler raises UncompletedJobError
         (the job fails with that message) once `max_num_timeout` time-outs are used up.
+        `progress` replaces "checkpoint saved at step N" in the log for jobs that resume from
+        finished files rather than from a step (see `leave`).
         """
         submitit_handler = self._previous.get(self.usr_signal)
         self.uninstall()
+        done = progress or f"checkpoint saved at step {step}"
         if decision == REQUEUE and rank == 0 and callable(submitit_handler):
-            logger.info("checkpoint saved at step %d; requeueing through submitit", step)
+            logger.info("%s; requeueing through submitit", done)
             submitit_handler(self.usr_signal, None)  # checkpoint() -> scontrol requeue -> sys.exit
             raise SystemExit(-1)  # a handler that returned (it should not): still leave, without a result
         why = "requeue" if decision == REQUEUE else "termination"
-        logger.info("checkpoint saved at step %d after a %s signal; exiting (rank %d)", step, why, rank)
+        logger.info("%s after a %s signal; exiting (rank %d)", done, why, rank)
         # SystemExit is no Exception: submitit writes no result file, so a requeued job runs again.
         sys.exit(0 if rank != 0 else 143)
+
+    # -- jobs whose resume point is a set of finished files (precompute, kNN feature extraction) ----------
+    def leave(self, rank: int, progress: str) -> None:
+        """A signal arrived: stop now, keeping only the files already finished, and requeue (rank 0) or exit.
+
+        No collective: each rank leaves on its own signal, so a rank that left never blocks another
+        in a collective. `progress` (e.g. "3/8 chunks done") goes to the log. Never returns.
+        """
+        logger.info("signal received: stopping with %s", progress)
+        self.requeue_or_exit(self.received, rank, -1, progress=progress)
+
+    def wait_until(self, condition: Callable[[], bool], rank: int, progress: Callable[[], str],
+                   poll_s: float = 2.0) -> None:
+        """Poll `condition` (e.g. every rank's files are there) until true; a signal meanwhile: `leave`."""
+        while not condition():
+            if self.received != NO_SIGNAL:
+                self.leave(rank, progress())
+            time.sleep(poll_s)
 
     def lost_since_signal(self) -> Optional[float]:
         return None if self.received_at is None else time.time() - self.received_at

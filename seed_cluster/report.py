@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,17 +22,11 @@ RESULTS = "results.json"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`obj` as JSON through `checkpoint.atomic_write`: readers see the old or the new file, never half."""
+    from .checkpoint import atomic_write
+
+    text = json.dumps(obj, indent=2, sort_keys=True)
+    atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def read_results(run_dir: Path) -> dict:

@@ -24,17 +24,19 @@ def seed_cluster_checkpoint(path: Path, arch: str, train_beton: str = "none.beto
     return student
 
 
-def seed_release_file(path: Path, arch: str, seed: int = 0, calibrate: torch.Tensor | None = None) -> nn.Module:
+def seed_release_file(path: Path, arch: str, seed: int = 0, calibrate: torch.Tensor | None = None,
+                      backbone: nn.Module | None = None) -> nn.Module:
     """A file laid out like SEED's released students: {"state_dict": {"module.student.*", "module.teacher.*",
     "module.queue", ...}, "epoch", "arch"}; the student's MLP head sits where its classifier was
     (fc.* for ResNets, classifier.* for EfficientNet / MobileNetV3). Returns the timm backbone.
 
     `calibrate`: images whose statistics the BN layers take on (as training would give them); a
-    freshly initialised EfficientNet in eval mode outputs ~1e-6 everywhere, nothing a linear layer can use."""
+    freshly initialised EfficientNet in eval mode outputs ~1e-6 everywhere, nothing a linear layer can use.
+    `backbone`: write this (e.g. trained) timm backbone instead of a freshly initialised one."""
     import timm
 
     torch.manual_seed(seed)
-    backbone = timm.create_model(arch, num_classes=0)
+    backbone = backbone if backbone is not None else timm.create_model(arch, num_classes=0)
     if calibrate is not None:
         for m in backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -83,6 +83,16 @@ def test_eval_config_rejects_unknown_keys_and_bad_values():
         load_eval_config([])
 
 
+def test_eval_config_errors_name_the_eval_launchers_and_list_every_problem():
+    with pytest.raises(ConfigError) as unknown:
+        load_eval_config(["source.checkpoint=x", "linear.epoch=3"])
+    assert "launch/eval.py --cfg" in str(unknown.value) and "slurm.py" not in str(unknown.value)
+    with pytest.raises(ConfigError) as several:
+        load_eval_config(["source.checkpoint=x", "knn.batches_per_chunk=0", "linear.epochs=0", "nodes=0"])
+    message = str(several.value)
+    assert "knn.batches_per_chunk=0" in message and "linear.epochs=0" in message and "nodes=0" in message
+
+
 @pytest.mark.slow
 def test_two_rank_knn_job_matches_the_single_process_result(tmp_path, fmnist_small):
     import subprocess
@@ -108,3 +118,17 @@ def test_two_rank_knn_job_matches_the_single_process_result(tmp_path, fmnist_sma
     for key, value in expected.items():
         assert knn[key] == pytest.approx(value), key
     assert knn["knn_train_samples"] == len(train[1]) and knn["knn_val_samples"] == len(val[1])
+
+
+def test_eval_preflight_refuses_cluster_slurm_without_sbatch_as_training_does(tmp_path, monkeypatch):
+    from seed_cluster.evaluate import preflight
+
+    seed_cluster_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000007.pt", "convnet_s")
+    cfg = load_eval_config([f"source.checkpoint={tmp_path / 'run'}", "data=fashion_mnist",
+                            f"data.train={tmp_path / 'none.beton'}", "cluster=slurm", "cluster.timeout_min=0"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ConfigError) as refused:
+        preflight(cfg, "knn")
+    message = str(refused.value)
+    assert "`sbatch` is not on PATH" in message and "cluster.timeout_min=0 must be >= 1" in message
+    assert "none.beton" in message, "the data problem is reported in the same line"

@@ -12,7 +12,7 @@ from eval_fixtures import seed_release_file
 
 from seed_cluster.checkpoint import Checkpointer
 from seed_cluster.eval_config import LinearConfig, load_eval_config
-from seed_cluster.linear import build_classifier, linear_recipe, lr_at, run_linear
+from seed_cluster.linear import build_classifier, build_head, linear_recipe, lr_at, run_linear
 
 
 def test_step_schedule_follows_the_protocol_table():
@@ -29,6 +29,19 @@ def test_classifier_starts_from_n0_001_with_zero_bias_and_views_are_crop_and_fli
     recipe = linear_recipe(LinearConfig())
     assert recipe.scale == (0.08, 1.0) and recipe.p_flip == 0.5
     assert recipe.p_jitter == recipe.p_gray == recipe.p_blur == recipe.p_solarize == 0
+
+
+def test_feature_norm_head_trains_on_batch_statistics_and_evaluates_as_one_affine_map():
+    torch.manual_seed(0)
+    fc = build_classifier(16, 3, 0.01)
+    assert build_head(fc, feature_norm=False) is fc
+    head = build_head(fc, feature_norm=True)
+    scaled = torch.randn(64, 16) * torch.logspace(-2, 2, 16)  # dimensions 10^4 apart in scale
+    head(scaled)  # train mode: normalised by this batch, running statistics updated
+    assert not any(p.requires_grad for p in head[0].parameters()), "the normalisation has no trained parameter"
+    head.eval()
+    a, b = torch.randn(5, 16), torch.randn(5, 16)
+    torch.testing.assert_close(head(0.3 * a + 0.7 * b), 0.3 * head(a) + 0.7 * head(b))  # affine in the features
 
 
 def _overrides(root, out, *extra):
@@ -63,24 +76,42 @@ def test_linear_eval_of_a_trained_student_beats_chance_by_far_and_resumes_exactl
     assert again["top1"] == final["top1"] and again["top5"] == final["top5"]
 
 
+def _distil(root, run, arch: str) -> None:
+    """SEED distillation of `arch` from a random convnet teacher: 40 steps of 64 Fashion-MNIST images at 32 px
+    (about half a minute on 2 CPU cores), in this process. Enough to give the student features a linear
+    layer can use, which a freshly initialised EfficientNet / MobileNetV3 barely has."""
+    from seed_cluster.distributed import DistEnv
+    from seed_cluster.launcher import load_config
+    from seed_cluster.preemption import Preemption
+    from seed_cluster.trainer import Trainer
+
+    cfg = load_config(["data=fashion_mnist", f"data.train={root / 'train.beton'}", "data.val=null",
+                       "data.batch_size_per_rank=64", "data.num_workers=1", f"student.arch={arch}", "method=seed",
+                       "teacher=convnet_m", "method.dim=32", "method.queue_size=512", "method.tau_t=0.05",
+                       "optim.max_steps=40", "optim.base_lr=0.12", "optim.warmup_epochs=0", "optim.precision=bf16",
+                       "checkpoint.every_steps=40", "logging.progress_bar=false", f"run_dir={run}", "device=cpu"])
+    Trainer(cfg, DistEnv.detect(), Preemption()).train()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenetv3_large_100"])
-def test_linear_eval_runs_for_seed_release_efficientnet_and_mobilenet_students(fmnist_small, tmp_path, arch):
-    from seed_cluster.config import DataConfig
-    from seed_cluster.evaluate import centre_batches
+def test_distilled_efficientnet_and_mobilenet_students_in_the_seed_layout_beat_chance_by_far(fmnist_small, tmp_path,
+                                                                                             arch):
+    """Distil the student briefly, save it as SEED's release files are laid out, linear-evaluate that file."""
+    from seed_cluster.evaluate import load_backbone
 
-    data = DataConfig(train=str(fmnist_small / "train.beton"), resolution=32, decode_resolution=32, num_workers=1,
-                      mean=[0.286] * 3, std=[0.353] * 3)
-    images = next(centre_batches(data.train, data, torch.device("cpu"), list(range(256)), batch_size=256))[0]
-    seed_release_file(tmp_path / "student.pth.tar", arch, calibrate=images)
+    _distil(fmnist_small, tmp_path / "run", arch)
+    seed_release_file(tmp_path / "student.pth.tar", arch, backbone=load_backbone(tmp_path / "run").backbone)
     cfg = load_eval_config(_overrides(fmnist_small, tmp_path / "lin", f"source.checkpoint={tmp_path / 'student.pth.tar'}",
-                                      f"source.arch={arch}", "linear.epochs=2", "linear.milestones=[]",
-                                      "linear.base_lr=0.1", "linear.max_steps_per_epoch=20"))
+                                      f"source.arch={arch}", "linear.epochs=8", "linear.milestones=[6]",
+                                      "linear.base_lr=0.01", "linear.feature_norm=true"))
     final = run_linear(cfg)
-    # Random (BN-calibrated) backbones at 32 px are weak features: even a full logistic-regression fit reaches
-    # only ~25-30% here. The protocol must still learn from them: above the 10% of a constant guess.
     history = json.loads((tmp_path / "lin" / "linear_results.json").read_text())["epochs"]
-    assert final["epoch"] == 2 and final["top1"] > 12.5, history
+    # Chance is 10%; measured here 27.6% (EfficientNet-B0) and 30.4% (MobileNetV3), so > 20% leaves margin for
+    # thread-count and BLAS differences. The same students score 42-44% with kNN: 248 SGD steps on augmented views
+    # do not reach what their features hold. Without linear.feature_norm EfficientNet-B0 stayed at 9-15% for every
+    # lr tried (SEED's 30 x batch/256 down to 1e-2 x batch/256): its feature dimensions differ widely in scale.
+    assert final["epoch"] == 8 and final["top1"] > 20.0, history
     assert all(math.isfinite(h["train_loss"]) for h in history)
     results = json.loads((tmp_path / "lin" / "results.json").read_text())
     assert results["run"]["student"] == arch
