@@ -69,7 +69,7 @@ def test_linear_eval_runs_for_seed_release_efficientnet_and_mobilenet_students(f
     from seed_cluster.config import DataConfig
     from seed_cluster.evaluate import centre_batches
 
-    data = DataConfig(train=str(fmnist_small / "train.beton"), resolution=32, decode_resolution=32, num_workers=1,
+    data = DataConfig(train=str(fmnist_small / "train.beton"), resolution=32, num_workers=1,
                       mean=[0.286] * 3, std=[0.353] * 3)
     images = next(centre_batches(data.train, data, torch.device("cpu"), list(range(256)), batch_size=256))[0]
     seed_release_file(tmp_path / "student.pth.tar", arch, calibrate=images)
