@@ -255,7 +255,8 @@ def _supervise(processes: list, allocations, done, total: int, path: Path) -> li
                 reported += 1
             except queue.Empty:
                 pass
-            bar.update(done.value - bar.n)
+            if done.value > bar.n:
+                bar.update(done.value - bar.n)
             # A worker that handed its allocations over may exit before we read them: count exits only
             # after the queue had a chance to deliver.
             dead = [p for p in processes if p.exitcode not in (None, 0)]

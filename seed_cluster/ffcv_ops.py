@@ -19,7 +19,8 @@ The epoch. numba freezes a NumPy array captured by a compiled function into a co
 constant (DESIGN.md §4), and FFCV compiles its pipeline once. So the decoder keeps the epoch in
 a one-element array of its own and the compiled code captures only that array's *address*,
 loading the value through it at every batch: `set_epoch` changes the crops of the next batches
-without recompiling. With `replayed_views` K > 0 the decoder turns the epoch into each sample's
+without recompiling. Call it before iterating the loader for that epoch (FFCV's thread decodes
+batches ahead), never while an epoch's batches are still wanted. With `replayed_views` K > 0 the decoder turns the epoch into each sample's
 view key (`augment.view_epochs`, the feature cache's keys) inside the pipeline too.
 """
 
