@@ -13,13 +13,15 @@ with the same thread / worker count and batch size; figures are images/s from ON
 
 Pipelines (all end in normalised float32 [B, 3, 224, 224] tensors):
 - ffcv seed (1 view), ffcv mocov2 (2 views): `seed_cluster.data.TrainStream` on this CPU,
-  i.e. FFCV decodes the centred square at 256 and the seeded MoCo-v2 recipe runs in torch
-  on the same cores (on a GPU node it runs on the GPU instead).
+  i.e. FFCV's SeededCropDecoder decodes each JPEG once and cuts the seeded crops of the
+  whole image at 224, then the seeded flip + photometric ops run in torch on the same
+  cores (on a GPU node they run on the GPU instead).
 - torchvision: ImageFolder + DataLoader(num_workers=threads), PIL ops of the same recipe
   (RandomResizedCrop 0.2-1, ColorJitter .4/.4/.4/.1 p .8, grayscale p .2, blur p .5, flip).
 - geometric ops only: FFCV's own unseeded RandomResizedCropRGBImageDecoder +
   RandomHorizontalFlip (+ ToTensor/ToTorchImage/NormalizeImage) vs the seeded path
-  (centre-square decode + `augment` with crop and flip only).
+  (SeededCropDecoder + seeded flip and normalisation in torch); and the two crop decoders
+  alone (uint8 out, same scale 0.2-1).
 - small patch: 1 global (swav_global, 224) + 6 small (swav_small, 96) views vs two views.
 """
 
@@ -123,8 +125,7 @@ def timed(batches, num_batches: int, warmup: int = 2) -> float:
 def data_cfg(beton: Path, threads: int):
     from seed_cluster.config import DataConfig
 
-    return DataConfig(train=str(beton), resolution=224, decode_resolution=256, batch_size_per_rank=BATCH,
-                      num_workers=threads)
+    return DataConfig(train=str(beton), resolution=224, batch_size_per_rank=BATCH, num_workers=threads)
 
 
 def ffcv_stream(beton: Path, threads: int, num_views):
@@ -182,38 +183,54 @@ def ffcv_unseeded(beton: Path, threads: int):
     return endless(lambda: loader)
 
 
+def ffcv_unseeded_crop_only(beton: Path, threads: int):
+    """FFCV's own unseeded RandomResizedCropRGBImageDecoder alone (uint8 out): the decoder to compare the
+    seeded crop decoder with, op for op."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor
+
+    pipelines = {"image": [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.2, 1.0)), ToTensor()],
+                 "label": [IntDecoder(), ToTensor(), Squeeze(1)], "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
+    loader = Loader(str(beton), batch_size=BATCH, num_workers=threads, order=OrderOption.RANDOM,
+                    pipelines=pipelines, drop_last=True)
+    return endless(lambda: loader)
+
+
 def seeded_geometric(beton: Path, threads: int):
-    """The seeded path with the same geometric ops only: centre-square decode + batched crop/resize/flip."""
-    from seed_cluster import data
+    """The seeded path with the same geometric ops only: seeded crop in the decoder, seeded flip in torch."""
+    from seed_cluster.augment import get_recipe
+    from seed_cluster.data import ViewSpec
 
-    stream = ffcv_stream(beton, threads, 1)
-    crop_flip = replace(data.get_recipe("mocov2"), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
-    stream.recipes = [crop_flip]
-    return stream
+    crop_flip = replace(get_recipe("mocov2"), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    return ffcv_stream(beton, threads, [ViewSpec(crop_flip, 224)])
 
 
-def decode_only(beton: Path, threads: int):
-    """FFCV's part of the seeded path alone: centre square decoded at 256, no augmentation."""
-    stream = ffcv_stream(beton, threads, 0)
+def decode_only(beton: Path, threads: int, num_views=1):
+    """FFCV's part of the seeded path alone: decode + seeded crops at 224, no flip or photometric ops."""
+    stream = ffcv_stream(beton, threads, num_views)
     return endless(lambda: stream.loader)
 
 
 def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 224):
-    """The torch part alone, on one batch decoded once (same thread count)."""
+    """The torch part alone (flip + photometric ops), on one batch of crops decoded once (same thread count)."""
     import torch
 
-    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, augment, get_recipe
+    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, finish_view, get_recipe
+    from seed_cluster.data import ViewSpec
 
-    images, _, indices = next(iter(decode_only(beton, threads)))
-    images, indices = images.clone(), indices.clone()
+    stream = ffcv_stream(beton, threads, [ViewSpec(recipe, size)])
+    rows, _, indices = next(iter(stream.loader))
+    (crops,), indices = stream.decoder.split_views(rows.clone()), indices.clone()
     torch.set_num_threads(threads)
 
     def batches():
         epoch = 0
         while True:
             epoch += 1
-            yield (augment(images, indices, seed=0, epoch=epoch, view=0, recipe=get_recipe(recipe), size=size,
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD),)
+            yield (finish_view(crops, indices, seed=0, epoch=epoch, view=0, recipe=get_recipe(recipe),
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD),)
     return batches()
 
 
@@ -248,9 +265,11 @@ def main(argv=None) -> None:
         "ffcv unseeded crop+flip": lambda: ffcv_unseeded(beton, threads),
         "ffcv seeded crop+flip": lambda: seeded_geometric(beton, threads),
         "ffcv small patch 1+6": lambda: ffcv_stream(beton, threads, small_patch),
-        "ffcv decode only (256 square)": lambda: decode_only(beton, threads),
-        "augment only, 1 mocov2 view": lambda: augment_only(beton, threads),
-        "augment only, 1 swav_small 96 view": lambda: augment_only(beton, threads, "swav_small", 96),
+        "ffcv unseeded crop only (decoder)": lambda: ffcv_unseeded_crop_only(beton, threads),
+        "ffcv decode+crop only, 1 view": lambda: decode_only(beton, threads),
+        "ffcv decode+crop only, 2 views": lambda: decode_only(beton, threads, 2),
+        "torch flip+photometric only, mocov2 224": lambda: augment_only(beton, threads),
+        "torch flip+photometric only, swav_small 96": lambda: augment_only(beton, threads, "swav_small", 96),
     }
     results = {}
     for name, make in pipelines.items():
@@ -259,7 +278,7 @@ def main(argv=None) -> None:
         rate = timed(make(), timed_batches)
         gc.collect()  # stop the previous pipeline's workers / prefetch threads before the next one
         results[name] = rate
-        print(f"  {name:36s} {rate:8.0f} img/s  {rate / threads:7.0f} img/s per thread", flush=True)
+        print(f"  {name:42s} {rate:8.0f} img/s  {rate / threads:7.0f} img/s per thread", flush=True)
 
     def ratio(a: str, b: str, goal: str = "") -> None:
         if a in results and b in results:
@@ -269,10 +288,12 @@ def main(argv=None) -> None:
     ratio("ffcv seed 1 view", "torchvision 1 view", "(goal >= 3x)")
     ratio("ffcv mocov2 2 views", "torchvision mocov2 2 views", "(goal >= 3x)")
     ratio("ffcv seeded crop+flip", "ffcv unseeded crop+flip", "(goal >= 0.85x)")
+    ratio("ffcv decode+crop only, 1 view", "ffcv unseeded crop only (decoder)",
+          "(goal >= 0.85x: the seeded crop decoder vs FFCV's unseeded one, both uint8 224 out)")
     ratio("ffcv small patch 1+6", "ffcv mocov2 2 views")
-    print("CPU side when augmentation runs on the GPU (this machine has none; decode only vs torchvision's all-CPU):")
-    ratio("ffcv decode only (256 square)", "torchvision 1 view", "(goal >= 3x)")
-    ratio("ffcv decode only (256 square)", "torchvision mocov2 2 views", "(goal >= 3x; one decode feeds both views)")
+    print("CPU side when flip + photometric ops run on the GPU (this machine has none; vs torchvision's all-CPU):")
+    ratio("ffcv decode+crop only, 1 view", "torchvision 1 view", "(goal >= 3x)")
+    ratio("ffcv decode+crop only, 2 views", "torchvision mocov2 2 views", "(goal >= 3x; one decode feeds both views)")
 
 
 if __name__ == "__main__":

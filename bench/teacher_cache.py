@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     build_fashion_mnist(work / "data", limit=args.images)
     base = ["cluster=local", "device=cpu", "data=fashion_mnist", f"data.train={work / 'data' / 'train.beton'}",
-            "data.val=null", f"data.resolution={args.resolution}", f"data.decode_resolution={args.resolution}",
+            "data.val=null", f"data.resolution={args.resolution}",
             f"data.batch_size_per_rank={args.batch}", "data.num_workers=1", f"student={args.student}",
             f"teacher={args.teacher}", "method=seed", "method.queue_size=4096", "knn.every_steps=0",
             f"cache.views={args.views}", "cache.dtype=fp16", f"output_dir={work / 'out'}",

@@ -7,29 +7,34 @@ file under the final name.
 
 ffcv's DatasetWriter runs `num_workers` forked processes and its parent waits for a
 progress counter with no timeout: a worker that raises or is killed makes it hang
-forever (and leaks its shared memory). So the dataset handed to it never raises (a
-failure is recorded in shared memory and a 1x1 placeholder written, then the build
-fails after the writer returns), and a watchdog thread interrupts the wait when a
-worker process dies anyway.
+forever (and leaks its shared memory). So this module starts and supervises ffcv's
+worker processes itself (ffcv's own worker function, page allocator and finalisation):
+the parent polls with a timeout, and a worker that exits without reporting its pages
+fails the build at once with a DataError. The dataset handed to the workers never raises
+(a failure is recorded in shared memory and a 1x1 placeholder written, then the build
+fails after the workers finish).
 """
 
 from __future__ import annotations
 
-import _thread
+import ctypes
 import json
 import logging
 import math
 import multiprocessing
 import os
-import threading
-from multiprocessing import shared_memory
+import queue
+import time
 from pathlib import Path
 
 import cv2
 import ffcv
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from ffcv.memory_allocator import MemoryAllocator
+from ffcv.utils import chunks
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, worker_job_indexed_dataset
+from tqdm import tqdm
 
 from ffcv_build.manifest import FIELD_NAMES, FORMAT_VERSION, fingerprint, manifest_path, open_beton
 from ffcv_build.sources import (
@@ -49,6 +54,7 @@ logger = logging.getLogger(__name__)
 WRITE_MODES = ("jpg", "raw", "proportion")
 SPLITS = ("train", "test")
 WRITER_CHUNK = 100  # samples per work item of ffcv's writer processes
+POLL_S = 0.2  # how often the parent checks its writer processes
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
@@ -193,74 +199,76 @@ class _WriterDataset:
         return _PLACEHOLDER, 0, i
 
 
-class _WorkerWatchdog(threading.Thread):
-    """Interrupts the main thread when one of ffcv's writer processes dies."""
-
-    def __init__(self, existing_children: set):
-        super().__init__(daemon=True)
-        self.existing = existing_children
-        self.exitcode: int | None = None
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-
-    def run(self) -> None:
-        seen = set()
-        while not self._stop_event.wait(0.2):
-            seen.update(p for p in multiprocessing.active_children() if p not in self.existing)
-            dead = [p.exitcode for p in seen if p.exitcode not in (None, 0)]
-            with self._lock:
-                if dead and not self._stop_event.is_set():
-                    self.exitcode = dead[0]
-                    _thread.interrupt_main()
-                    return
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stop_event.set()
-        self.join()
-
-
 def _run_writer(source, path: Path, fields: dict, workers: int, page_size: int, reseed_numpy: bool) -> None:
+    """ffcv's DatasetWriter with our own supervision of its worker processes (see the module docstring)."""
     dataset = _WriterDataset(source, reseed_numpy)
     num_workers = max(1, min(workers, math.ceil(len(source) / WRITER_CHUNK)))
     writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
-    existing = set(multiprocessing.active_children())
-    watchdog = _WorkerWatchdog(existing)
-    watchdog.start()
-    finished = False
+    writer.num_samples = len(dataset)
+    writer.prepare()  # header, field descriptors, and the shared-memory metadata table
+    processes: list = []
     try:
-        writer.from_indexed_dataset(dataset, chunksize=WRITER_CHUNK)
-        finished = True
-    except KeyboardInterrupt:
-        if watchdog.exitcode is not None:
-            raise DataError(f"an FFCV writer process died (exit code {watchdog.exitcode}) while writing "
-                            f"{path}; check memory and disk space, then rebuild") from None
-        raise
+        work, allocations = multiprocessing.Queue(), multiprocessing.Queue()
+        for chunk in chunks(list(enumerate(range(len(dataset)))), WRITER_CHUNK):
+            work.put(chunk)
+        for _ in range(num_workers):
+            work.put(None)
+        done = multiprocessing.Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+        args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations,
+                dataset)
+        processes = [multiprocessing.Process(target=worker_job_indexed_dataset, args=args, daemon=True)
+                     for _ in range(num_workers)]
+        for p in processes:
+            p.start()
+        allocation_list = _supervise(processes, allocations, done, len(dataset), path)
+        writer.finalize(allocation_list)
     finally:
-        watchdog.stop()
-        _end_children(existing, terminate=not finished)
-        if not finished and isinstance(getattr(writer, "metadata_sm", None), shared_memory.SharedMemory):
-            writer.metadata_sm.close()
-            try:
-                writer.metadata_sm.unlink()
-            except FileNotFoundError:
-                pass
+        for p in processes:  # nothing left running on any path out of here
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        writer.metadata_sm.close()
+        try:
+            writer.metadata_sm.unlink()
+        except FileNotFoundError:
+            pass
     if dataset.failed_index.value >= 0:
         raise DataError(f"reading sample {dataset.failed_index.value} for {path.name} failed during the "
                         f"write ({dataset.failure.value.decode(errors='replace')}); did the source change "
                         f"after it was scanned? rebuild")
 
 
-def _end_children(existing: set, terminate: bool) -> None:
-    for p in multiprocessing.active_children():
-        if p in existing:
-            continue
-        if terminate:
-            p.terminate()
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join()
+def _supervise(processes: list, allocations, done, total: int, path: Path) -> list:
+    """Wait for every worker's page allocations, with a progress bar; a worker that exits without handing
+    them over (killed, out of memory, os._exit) fails the build at once instead of hanging it."""
+    collected: list = []
+    reported = 0
+    with tqdm(total=total, unit="img", desc=f"writing {path.name.split('.tmp-')[0].lstrip('.')}",
+              dynamic_ncols=True) as bar:
+        while reported < len(processes):
+            try:
+                collected.extend(allocations.get(timeout=POLL_S))
+                reported += 1
+            except queue.Empty:
+                pass
+            if done.value > bar.n:
+                bar.update(done.value - bar.n)
+            # A worker that handed its allocations over may exit before we read them: count exits only
+            # after the queue had a chance to deliver.
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise DataError(f"an FFCV writer process died (exit code {dead[0].exitcode}) while writing "
+                                f"{path}; check memory and disk space, then rebuild")
+            if all(p.exitcode == 0 for p in processes) and allocations.empty() and reported < len(processes):
+                time.sleep(POLL_S)  # exited cleanly: its allocations are in flight through the queue's pipe
+                if allocations.empty():
+                    raise DataError(f"FFCV writer processes exited without reporting their pages while "
+                                    f"writing {path}; rebuild")
+    return collected
 
 
 def _page_size(source) -> int:

@@ -1,13 +1,17 @@
-"""Seeded, replayable augmentation as batched torch ops on the images' device.
+"""Seeded, replayable augmentation: every random choice of a view is a pure function of its key.
 
-FFCV's own random transforms draw from numba's unseeded RNG, so this project
-decodes each image to a fixed-size uint8 square and does every random choice
-here (DESIGN.md section 4). Every parameter of a view is a pure function of
-``(seed, epoch, sample index, view index)``: a counter-based hash (splitmix64,
-in numpy uint64) turns the key plus a fixed "slot" per parameter into uniforms
-in [0, 1). No global RNG state is read or advanced. That is what makes exact
-resume and the teacher-feature cache possible: a view can be regenerated
+FFCV's own random transforms draw from numba's unseeded RNG (DESIGN.md section 4), so every
+parameter of a view here is a pure function of ``(seed, epoch, sample index, view index)``: a
+counter-based hash (splitmix64, in numpy uint64) turns the key plus a fixed "slot" per
+parameter into uniforms in [0, 1). No global RNG state is read or advanced. That is what
+makes exact resume and the teacher-feature cache possible: a view can be regenerated
 bit-for-bit in another process, run, batch or world size.
+
+Where the work runs. Training crops in the decoder: `pixel_boxes` (RandomResizedCrop on the
+whole image, in pixels) is numba code that `seed_cluster.ffcv_ops.SeededCropDecoder` runs
+inside FFCV's pipeline, and `finish_view` applies the flip and the photometric ops batched
+on the device. `augment` / `apply_view` do the whole view (crop + resize too) in torch from
+an already decoded uint8 image, for images that do not come from the decoder.
 
 Bitwise determinism is by construction, not by luck. Parameters are computed in
 float64 numpy on the host. On the device only operations whose result per
@@ -17,7 +21,7 @@ gathers and copies, single IEEE-rounded mul/add/sub/div, min/max/floor/clamp,
 float reduction or transcendental function runs on the device.
 
 Pipeline of one view (torchvision semantics, float images in [0, 1]):
-RandomResizedCrop + horizontal flip (one separable resampling with
+RandomResizedCrop + horizontal flip (in `augment`: one separable resampling with
 antialiased bilinear weights, as PIL and ``antialias=True`` resize do), then
 ColorJitter with a per-sample random order of its four ops (applied with
 probability ``p_jitter``), RandomGrayscale, Gaussian blur, solarize, normalise.
@@ -35,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -224,6 +229,90 @@ def _crop_boxes(u: np.ndarray, scale, ratio) -> np.ndarray:
     w, h = np.where(missed, fb_w, w), np.where(missed, fb_h, h)
     x0, y0 = np.where(missed, (1.0 - fb_w) / 2, x0), np.where(missed, (1.0 - fb_h) / 2, y0)
     return np.stack([x0, y0, w, h], axis=1)
+
+
+# --- pixel crop boxes on the whole image: what the FFCV decoder crops (seed_cluster.ffcv_ops) --------
+# The same key hash as `key_uniforms`, compiled with numba so that the decoder (inside FFCV's compiled
+# pipeline) and the host (`pixel_boxes`) run one and the same function: the box is bitwise the same in
+# both. Tests check the hash against `key_uniforms`.
+
+_NB_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True)
+def _nb_mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def nb_key_state(seed, epoch, index, view):
+    """The hash state of key (seed, epoch, index, view), all uint64 (as `key_uniforms` computes it)."""
+    h = _nb_mix64(np.uint64(seed) + _NB_GAMMA)
+    h = _nb_mix64(h + _nb_mix64(np.uint64(epoch) + _NB_GAMMA))
+    h = _nb_mix64(h + _nb_mix64(np.uint64(index) + _NB_GAMMA))
+    return _nb_mix64(h + _nb_mix64(np.uint64(view) + _NB_GAMMA))
+
+
+@numba.njit(cache=True)
+def nb_slot_uniform(state, slot):
+    """Uniform in [0, 1) of hash slot `slot` (column `slot` of `key_uniforms`)."""
+    z = _nb_mix64(state + np.uint64(slot + 1) * _NB_GAMMA)
+    return np.float64(z >> np.uint64(11)) * 2.0 ** -53
+
+
+@numba.njit(cache=True)
+def nb_view_epoch(seed, epoch, index, views):
+    """`view_epochs` for one sample: the view key sample `index` shows at `epoch` with K = `views`."""
+    u = nb_slot_uniform(nb_key_state(seed, np.uint64(_OFFSET_EPOCH), index, np.uint64(_OFFSET_VIEW)), 0)
+    return (epoch + np.int64(np.floor(u * views))) % views
+
+
+@numba.njit(cache=True)
+def nb_pixel_box(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi):
+    """torchvision's RandomResizedCrop.get_params on a height x width image, its random draws taken from
+    key hash `state` (same slots as `sample_params`): (top, left, crop height, crop width) in pixels."""
+    area = np.float64(height) * np.float64(width)
+    log_lo, log_hi = np.log(ratio_lo), np.log(ratio_hi)
+    for t in range(_MAX_CROP_TRIES):
+        target = area * (scale_lo + (scale_hi - scale_lo) * nb_slot_uniform(state, _SLOT_CROP_AREA + 2 * t))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * nb_slot_uniform(state, _SLOT_CROP_RATIO + 2 * t))
+        w = np.int64(np.round(np.sqrt(target * aspect)))
+        h = np.int64(np.round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = np.int64(nb_slot_uniform(state, _SLOT_CROP_Y) * (height - h + 1))
+            left = np.int64(nb_slot_uniform(state, _SLOT_CROP_X) * (width - w + 1))
+            return top, left, h, w
+    # No try fits: torchvision's fallback, a central crop of the whole image clamped to the ratio range.
+    w, h = np.int64(width), np.int64(height)
+    if width / height < ratio_lo:
+        h = np.int64(np.round(width / ratio_lo))
+    elif width / height > ratio_hi:
+        w = np.int64(np.round(height * ratio_hi))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@numba.njit(cache=True)
+def _nb_pixel_boxes(seed, epochs, indices, view, heights, widths, scale_lo, scale_hi, ratio_lo, ratio_hi):
+    out = np.empty((len(indices), 4), dtype=np.int64)
+    for i in range(len(indices)):
+        state = nb_key_state(seed, epochs[i], indices[i], view)
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = nb_pixel_box(state, heights[i], widths[i], scale_lo,
+                                                                  scale_hi, ratio_lo, ratio_hi)
+    return out
+
+
+def pixel_boxes(seed: int, epoch, indices, view: int, recipe: Recipe, heights, widths) -> np.ndarray:
+    """[N, 4] int64 (top, left, height, width): the crop of view `view` of each whole image (heights[i] x
+    widths[i] pixels), as RandomResizedCrop(recipe.scale, recipe.ratio) draws it from key (seed, epoch (or
+    epoch[i]), indices[i], view). Exactly the box `ffcv_ops.SeededCropDecoder` cuts out."""
+    idx = _as_indices(indices)
+    epochs = np.ascontiguousarray(np.broadcast_to(_as_indices(np.atleast_1d(epoch)), idx.shape))
+    heights, widths = (np.broadcast_to(np.asarray(a, dtype=np.int64), idx.shape).copy() for a in (heights, widths))
+    return _nb_pixel_boxes(np.uint64(seed % 2**64), epochs, idx, np.uint64(view % 2**64), heights, widths,
+                           float(recipe.scale[0]), float(recipe.scale[1]), float(recipe.ratio[0]),
+                           float(recipe.ratio[1]))
 
 
 def sample_params(seed: int, epoch, indices, view: int, recipe: Recipe) -> ViewParams:
@@ -455,17 +544,43 @@ def apply_view(images: torch.Tensor, params: ViewParams, *, size: int, mean: Seq
     _check_images(images)
     if len(params) != images.shape[0]:
         raise ValueError(f"{len(params)} parameter sets for {images.shape[0]} images")
+    return _photometric(_crop_resize(images, params.box, params.flip, size), params, mean, std)
+
+
+def _photometric(x: torch.Tensor, params: ViewParams, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     recipe = params.recipe
-    x = _crop_resize(images, params.box, params.flip, size)
     if recipe.gray_before_jitter:
         x = _grayscale(x, params)
     x = _color_jitter(x, params)
     if not recipe.gray_before_jitter:
         x = _grayscale(x, params)
-    kernel = blur_kernel_size(size, recipe.blur_kernel_frac)
+    kernel = blur_kernel_size(x.shape[-1], recipe.blur_kernel_frac)
     x = _subset_apply(x, params.blur, lambda t, rows: _blur(t, params.sigma[rows], kernel))
     x = _subset_apply(x, params.solarize, lambda t, rows: torch.where(t >= 0.5, 1.0 - t, t))
     return _normalize(x, mean, std)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1] (contiguous, a new tensor)."""
+    _check_images(images)
+    return (images.permute(0, 3, 1, 2).float() / 255.0).contiguous()
+
+
+def finish_view(crops: torch.Tensor, indices, *, seed: int, epoch, view: int, recipe: Recipe,
+                mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The rest of a view whose crop the decoder already cut (`ffcv_ops.SeededCropDecoder`, the box of
+    `pixel_boxes`): horizontal flip and the photometric ops of key (seed, epoch (or epoch[i]), indices[i],
+    view), on the crops' device. crops: uint8 [B, S, S, 3]. Returns float32 [B, 3, S, S], normalised."""
+    params = sample_params(seed, epoch, indices, view, recipe)
+    if len(params) != crops.shape[0]:
+        raise ValueError(f"{len(params)} indices for {crops.shape[0]} crops")
+    x = _subset_apply(to_float(crops), params.flip, lambda t, rows: t.flip(3))
+    return _photometric(x, params, mean, std)
+
+
+def normalize_images(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalised float32 [B, 3, H, W] (the eval views the decoder already cropped)."""
+    return _normalize(to_float(images), mean, std)
 
 
 def augment(images: torch.Tensor, indices, *, seed: int, epoch, view: int, recipe: Recipe,

@@ -42,12 +42,13 @@ from .errors import SeedClusterError
 logger = logging.getLogger(__name__)
 
 FORMAT = "seed-cluster-teacher-cache"
-VIEW_FORMAT = 1
-"""Bump when the pixels a view key yields change (augment, decoding): older caches then no longer match."""
+VIEW_FORMAT = 2
+"""Bump when the pixels a view key yields change (augment, decoding): older caches then no longer match.
+2: crops cut from the whole image by the FFCV decoder (ffcv_ops), no longer from a decoded centred square."""
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 FIELD_HINTS = {
     "teacher": "teacher.* (weights, arch, head)", "dataset": "data.train", "recipe": "data.recipe / method crops",
-    "resolution": "data.resolution", "decode_resolution": "data.decode_resolution",
+    "resolution": "data.resolution",
     "normalisation": "data.mean / data.std", "seed": "seed", "views": "cache.views", "dtype": "cache.dtype",
     "dim": "method.dim", "view_format": "the project version that wrote it",
 }
@@ -68,7 +69,6 @@ def fingerprint(cfg: TrainConfig, specs: Sequence[ViewSpec], teacher: str) -> di
         "dataset": {"fingerprint": manifest.get("fingerprint"), "num_samples": int(manifest["num_samples"])},
         "recipe": [{"size": s.size, **asdict(s.get_recipe())} for s in specs],
         "resolution": cfg.data.resolution,
-        "decode_resolution": cfg.data.decode_resolution,
         "normalisation": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
         "seed": cfg.seed,
         "views": cfg.cache.views,

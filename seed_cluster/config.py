@@ -151,8 +151,6 @@ class DataConfig:
     """Augmentation recipe (seed_cluster.augment.RECIPES)."""
     resolution: int = 224
     """Side of the augmented views fed to the networks."""
-    decode_resolution: int = 256
-    """FFCV decodes the largest centred square of each image to this side; crops are taken from it."""
     batch_size_per_rank: int = 256
     """Images per process (per GPU) and step; the global batch is this x world size. Training always drops
     the incomplete tail: each epoch's permutation is cut to a multiple of the world size (equal shards) and
@@ -168,8 +166,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         problems: list[str] = []
         _check(problems, self.resolution > 0, f"data.resolution={self.resolution} must be positive")
-        _check(problems, self.decode_resolution >= self.resolution,
-               f"data.decode_resolution={self.decode_resolution} must be >= data.resolution={self.resolution}")
         _check(problems, self.batch_size_per_rank > 0,
                f"data.batch_size_per_rank={self.batch_size_per_rank} must be positive")
         _check(problems, self.num_workers > 0, f"data.num_workers={self.num_workers} must be positive")

@@ -1,23 +1,22 @@
-"""The data path: FFCV decodes, this module orders, `augment` makes the views on the device.
+"""The data path: FFCV decodes and crops, this module orders, `augment` finishes the views on the device.
 
-FFCV's own random ops are not seeded (DESIGN.md §4), so FFCV here only decodes each
-image's largest centred square to `decode_resolution` (uint8, channels-last), and
-every random choice happens in `seed_cluster.augment`, keyed by (seed, epoch, sample
-index, view). The epoch order is a permutation keyed by (seed, epoch), split across
-ranks, so the stream is a pure function of its position (epoch, batches consumed):
-a loader can start anywhere in an epoch without decoding what it skips.
+FFCV's own random ops are not seeded (DESIGN.md §4). Here FFCV's decoder is
+`ffcv_ops.SeededCropDecoder`: it cuts every view's RandomResizedCrop box out of the
+whole image while decoding, the box a pure function of (seed, epoch, sample index, view)
+(`augment.pixel_boxes`), and resizes it to the view's side. The flip and the photometric
+ops, keyed the same way, run batched on the device (`augment.finish_view`). The epoch
+order is a permutation keyed by (seed, epoch), split across ranks, so the stream is a pure
+function of its position (epoch, batches consumed): a loader can start anywhere in an
+epoch without decoding what it skips.
 
 Views: a method asks for `num_views` views of `data.recipe` at `data.resolution`, or for a
 list of `ViewSpec` (recipe, side) — multi-crop, e.g. 1 global + 6 small crops for SEED's
-small-patch variant. All views of an image come from the same decoded square; view `v`
-is keyed by view index `v`, whatever its recipe or size.
+small-patch variant. All views of an image come from one decode; view `v` is keyed by view
+index `v`, whatever its recipe or size.
 
 Order: training drops the incomplete tail (the permutation is cut to a multiple of the
 world size, each rank's shard to a multiple of the batch size), so every step has the same
 batch shape on every rank; evaluation reads every sample once, in file order.
-
-Note: cropping from the centred square instead of the full image narrows the crop
-distribution slightly for non-square photos (corners outside the square never appear).
 """
 
 from __future__ import annotations
@@ -31,12 +30,14 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from .augment import Recipe, augment, center_view, get_recipe, view_epochs
+from .augment import Recipe, finish_view, get_recipe, normalize_images, view_epochs
 from .config import DataConfig
 from .errors import DataError
+from .ffcv_ops import SeededCropDecoder
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -96,12 +97,21 @@ class _PositionedOrder(TraversalOrder):
         return order[s.batches_consumed * s.batch_size: s.steps_per_epoch * s.batch_size]
 
 
-def _pipelines(decode_resolution: int) -> dict:
+EVAL_CROP_FRACTION = 0.875
+"""Evaluation view: the centred square of this fraction of the shorter side (Resize 256 + CenterCrop 224)."""
+
+
+def _pipelines(image_decoder: Operation) -> dict:
     return {
-        "image": [CenterCropRGBImageDecoder((decode_resolution, decode_resolution), ratio=1.0), ToTensor()],
+        "image": [image_decoder, ToTensor()],
         "label": [IntDecoder(), ToTensor(), Squeeze(1)],
         "index": [IntDecoder(), ToTensor(), Squeeze(1)],
     }
+
+
+def view_decoder(specs: Sequence["ViewSpec"], seed: int, replayed_views: int = 0) -> SeededCropDecoder:
+    """The decoder that cuts the crops of `specs` (view v keyed by index v) out of each image."""
+    return SeededCropDecoder([(spec.get_recipe(), spec.size) for spec in specs], seed, replayed_views)
 
 
 class _FixedOrder(TraversalOrder):
@@ -130,23 +140,39 @@ class Batch:
     """With the feature cache: the teacher's embedding [B, D] of each view, read instead of computed."""
 
 
-def make_views(images: torch.Tensor, indices, epochs, specs: Sequence[ViewSpec], cfg: DataConfig,
-               seed: int) -> list[torch.Tensor]:
-    """Every view of a decoded batch: view v of sample i is keyed by (seed, epochs (or epochs[i]), index, v).
-    The one place views are made, for training and for the feature-cache precompute alike."""
-    return [augment(images, indices, seed=seed, epoch=epochs, view=v, recipe=spec.get_recipe(),
-                    size=spec.size, mean=cfg.mean, std=cfg.std)
-            for v, spec in enumerate(specs)]
+def make_views(rows: torch.Tensor, decoder: SeededCropDecoder, indices, epochs, specs: Sequence[ViewSpec],
+               cfg: DataConfig, seed: int) -> list[torch.Tensor]:
+    """Every view of a decoded batch (`decoder`'s uint8 rows, on the device): view v of sample i is keyed by
+    (seed, epochs (or epochs[i]), index, v), the key the decoder cut its crop with. The one place views
+    are made, for training and for the feature-cache precompute alike."""
+    return [finish_view(crops, indices, seed=seed, epoch=epochs, view=v, recipe=spec.get_recipe(), mean=cfg.mean,
+                        std=cfg.std)
+            for v, (spec, crops) in enumerate(zip(specs, decoder.split_views(rows), strict=True))]
 
 
-def decoded_batches(cfg: DataConfig, order: np.ndarray, batch_size: int,
-                    device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """(uint8 images [B, S, S, 3] on `device`, sample indices [B]) of data.train in exactly `order`, batches of
-    `batch_size` (the last one shorter)."""
-    loader = Loader(cfg.train, batch_size=batch_size, num_workers=cfg.num_workers, order=_FixedOrder(order),
-                    pipelines=_pipelines(cfg.decode_resolution), drop_last=False, os_cache=cfg.os_cache)
-    for images, _, indices in loader:
-        yield images.to(device, non_blocking=True), indices.numpy().copy()
+class KeyedViews:
+    """The views of data.train samples in a given order under one view key per pass (the feature-cache
+    precompute): `batches(order, key)` yields (views on `device`, sample indices) in batches of `batch_size`.
+    One FFCV loader is compiled once and reused for every pass; `order` may be at most `max_len` long."""
+
+    def __init__(self, cfg: DataConfig, specs: Sequence[ViewSpec], seed: int, batch_size: int, max_len: int,
+                 device: torch.device):
+        self.cfg, self.specs, self.seed, self.device = cfg, tuple(specs), seed, device
+        self.decoder = view_decoder(self.specs, seed)
+        num_samples = int(check_dataset(cfg.train, "data.train")["num_samples"])
+        self.order = _FixedOrder(np.arange(min(max_len, num_samples)))  # FFCV sizes its epochs on this one
+        self.loader = Loader(cfg.train, batch_size=batch_size, num_workers=cfg.num_workers, order=self.order,
+                             pipelines=_pipelines(self.decoder), drop_last=False, os_cache=cfg.os_cache)
+
+    def batches(self, order: np.ndarray, key: int) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+        if len(order) > len(self.order.order):
+            raise ValueError(f"an order of {len(order)} samples is longer than this loader's {len(self.order.order)}")
+        self.order.order = np.asarray(order)
+        self.decoder.set_epoch(key)
+        for rows, _, indices in self.loader:
+            keys = indices.numpy().copy()
+            yield (make_views(rows.to(self.device, non_blocking=True), self.decoder, keys, key, self.specs,
+                              self.cfg, self.seed), keys)
 
 
 class TrainStream:
@@ -171,6 +197,7 @@ class TrainStream:
         for spec in self.view_specs:
             spec.get_recipe()  # an unknown recipe fails here, at start-up
         self.replayed_views, self.cache = replayed_views, cache
+        self.decoder = view_decoder(self.view_specs, seed, replayed_views)
         self.batch_size = cfg.batch_size_per_rank
         self.epoch = 0
         self.batches_consumed = 0
@@ -181,7 +208,7 @@ class TrainStream:
                             f"data.batch_size_per_rank={self.batch_size} per rank x {world_size} ranks; "
                             "lower the batch size")
         self.loader = Loader(cfg.train, batch_size=self.batch_size, num_workers=cfg.num_workers,
-                             order=_PositionedOrder(self), pipelines=_pipelines(cfg.decode_resolution),
+                             order=_PositionedOrder(self), pipelines=_pipelines(self.decoder),
                              drop_last=True, os_cache=cfg.os_cache, seed=seed)
         assert self.loader.reader.num_samples == self.num_samples, "manifest and .beton disagree"
         self.manifest = manifest
@@ -205,12 +232,14 @@ class TrainStream:
         while True:
             if self.batches_consumed >= self.steps_per_epoch:
                 self.epoch, self.batches_consumed = self.epoch + 1, 0
-            for images, labels, indices in self.loader:  # FFCV reuses these buffers: views are new tensors
-                images = images.to(self.device, non_blocking=True)
+            self.decoder.set_epoch(self.epoch)  # before FFCV starts decoding the epoch's first batch
+            for rows, labels, indices in self.loader:  # FFCV reuses these buffers: views are new tensors
+                rows = rows.to(self.device, non_blocking=True)
                 keys = indices.numpy()
                 epochs = view_epochs(self.seed, self.epoch, keys, self.replayed_views) if self.replayed_views \
                     else self.epoch
-                batch = Batch(views=make_views(images, keys, epochs, self.view_specs, self.cfg, self.seed),
+                batch = Batch(views=make_views(rows, self.decoder, keys, epochs, self.view_specs, self.cfg,
+                                               self.seed),
                               labels=labels.to(self.device).clone(), indices=indices.to(self.device).clone(),
                               epoch=self.epoch,
                               targets=self.cache.targets(keys, epochs, self.device) if self.cache else None)
@@ -219,12 +248,17 @@ class TrainStream:
             self.epoch, self.batches_consumed = self.epoch + 1, 0
 
 
+def eval_decoder(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> CenterCropRGBImageDecoder:
+    """Resize(int(resolution / crop_fraction)) + CenterCrop(resolution) (torchvision's eval transform), as one
+    centred crop of the shorter side resized to the output in FFCV."""
+    return CenterCropRGBImageDecoder((resolution, resolution), ratio=resolution / int(resolution / crop_fraction))
+
+
 def eval_batches(path: str, cfg: DataConfig, device: torch.device, key: str = "data.val",
                  batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(centre view, label) batches over every sample of `path`, in file order."""
     check_dataset(path, key)
     loader = Loader(path, batch_size=batch_size, num_workers=cfg.num_workers, order=OrderOption.SEQUENTIAL,
-                    pipelines=_pipelines(cfg.decode_resolution), drop_last=False, os_cache=cfg.os_cache)
+                    pipelines=_pipelines(eval_decoder(cfg.resolution)), drop_last=False, os_cache=cfg.os_cache)
     for images, labels, _ in loader:
-        yield (center_view(images.to(device), size=cfg.resolution, mean=cfg.mean, std=cfg.std),
-               labels.to(device).clone())
+        yield (normalize_images(images.to(device), mean=cfg.mean, std=cfg.std), labels.to(device).clone())

@@ -242,24 +242,21 @@ def centre_batches(path: str, data: DataConfig, device: torch.device, indices: O
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(centre view [B, 3, R, R], labels [B]) over `indices` of `path` (all samples by default), in order."""
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor
 
-    from .augment import center_view
-    from .data import check_dataset
+    from .augment import normalize_images
+    from .data import check_dataset, eval_decoder
 
     check_dataset(path, "data")
     if indices is not None and len(indices) == 0:
         return
-    side = data.decode_resolution
-    pipelines = {"image": [CenterCropRGBImageDecoder((side, side), ratio=1.0), ToTensor()],
+    pipelines = {"image": [eval_decoder(data.resolution, crop_fraction), ToTensor()],
                  "label": [IntDecoder(), ToTensor(), Squeeze(1)], "index": None}
     loader = Loader(path, batch_size=batch_size, num_workers=data.num_workers, order=OrderOption.SEQUENTIAL,
                     indices=indices, pipelines=pipelines, drop_last=False, os_cache=data.os_cache)
     for images, labels in loader:
-        yield (center_view(images.to(device), size=data.resolution, mean=data.mean, std=data.std,
-                           crop_fraction=crop_fraction), labels.to(device).clone())
+        yield normalize_images(images.to(device), mean=data.mean, std=data.std), labels.to(device).clone()
 
 
 @torch.no_grad()

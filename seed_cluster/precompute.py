@@ -1,8 +1,9 @@
 """`mode=precompute`: run the teacher once over K views of every image and write the feature cache.
 
-Each rank takes every world_size-th chunk, decodes its images once, makes the K views
-(x every crop of the method) exactly as training makes them, embeds them with the teacher,
-and writes the chunk atomically. Chunks are the unit of resume: a requeued job skips the
+Each rank takes every world_size-th chunk and, for each view key k < K, decodes the chunk's
+images with the decoder training uses (one decode per image and key cuts every crop of the
+method), finishes the views exactly as training does, embeds them with the teacher, and
+writes the chunk atomically. Chunks are the unit of resume: a requeued job skips the
 finished ones and redoes at most the chunk a signal interrupted. Rank 0 then waits for
 the other ranks' chunks to appear (no collective, so a rank stopped by a signal never
 leaves another blocked in one), writes the manifest and gives the cache its final name.
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from .cache import CacheError, CacheWriter, default_path, fingerprint, read_manifest
 from .config import TrainConfig
-from .data import decoded_batches, make_views
+from .data import KeyedViews
 from .distributed import DistEnv
 from .methods import view_specs
 from .preemption import NO_SIGNAL, Preemption
@@ -66,25 +67,25 @@ def precompute(cfg: TrainConfig, env: DistEnv, preemption: Preemption, device: t
     specs = view_specs(cfg)
     teacher = load_teacher(cfg.teacher, cfg.method.dim, seed=cfg.seed).to(device)
     order = np.concatenate([np.arange(*writer.ranges[i]) for i in mine]) if mine else np.zeros(0, np.int64)
-    bar = tqdm(total=len(order), disable=env.rank != 0 or not cfg.logging.progress_bar, unit="img",
-               desc=f"precompute {cfg.teacher.arch} x {writer.views} views", dynamic_ncols=True)
-    started, done_images = time.perf_counter(), 0
-    batches = decoded_batches(cfg.data, order, cfg.data.batch_size_per_rank, device) if mine else iter(())
+    bar = tqdm(total=len(order) * writer.views, disable=env.rank != 0 or not cfg.logging.progress_bar,
+               unit="img-key", desc=f"precompute {cfg.teacher.arch} x {writer.views} views", dynamic_ncols=True)
+    started, done_images, done_keys = time.perf_counter(), 0, 0
+    reader = KeyedViews(cfg.data, specs, cfg.seed, cfg.data.batch_size_per_rank, writer.chunk_size, device) \
+        if mine else None
     for i in mine:
         start, end = writer.ranges[i]
-        chunk, filled = writer.empty_chunk(i), 0
-        while filled < end - start:
-            images, indices = next(batches)
-            rows = indices - start
-            for k in range(writer.views):
-                for v, x in enumerate(make_views(images, indices, k, specs, cfg.data, cfg.seed)):
+        chunk = writer.empty_chunk(i)
+        for k in range(writer.views):
+            for views, indices in reader.batches(np.arange(start, end), k):
+                rows = indices - start
+                for v, x in enumerate(views):
                     chunk[rows, k, v] = teacher(x).cpu().numpy()
-            filled += len(indices)
-            done_images += len(indices)
-            bar.update(len(indices))
-            bar.set_postfix(views_per_s=f"{done_images * writer.views * writer.crops / (time.perf_counter() - started):.0f}")
-            if preemption.received != NO_SIGNAL:  # the unfinished chunk is dropped: only it is recomputed
-                preemption.leave(env.rank, f"chunk {i} unfinished, {_progress(writer)}")
+                done_keys += len(indices)
+                bar.update(len(indices))
+                bar.set_postfix(views_per_s=f"{done_keys * writer.crops / (time.perf_counter() - started):.0f}")
+                if preemption.received != NO_SIGNAL:  # the unfinished chunk is dropped: only it is recomputed
+                    preemption.leave(env.rank, f"chunk {i} unfinished, {_progress(writer)}")
+        done_images += end - start
         writer.write_chunk(i, chunk)
     bar.close()
     if env.rank != 0:

@@ -28,6 +28,7 @@ from seed_cluster.augment import (
     center_view,
     get_recipe,
     key_uniforms,
+    pixel_boxes,
     sample_params,
 )
 from seed_cluster.errors import ConfigError
@@ -147,6 +148,40 @@ def test_crop_falls_back_to_torchvision_central_crop_when_no_try_fits():
     recipe = replace(RECIPES["mocov2"], scale=(0.99, 1.0), ratio=(3.0, 4.0))
     box = sample_params(0, 0, np.arange(100), 0, recipe).box
     np.testing.assert_allclose(box, np.tile([0.0, 1 / 3, 1.0, 1 / 3], (100, 1)))
+
+
+def test_the_numba_key_hash_the_decoder_runs_is_key_uniforms_and_view_epochs():
+    from seed_cluster.augment import nb_key_state, nb_slot_uniform, nb_view_epoch, view_epochs
+
+    indices = np.array([0, 1, 7, 999, 2**40 + 3])
+    u = key_uniforms(2**64 - 5, 12, indices, 3)
+    for row, i in enumerate(indices):
+        state = nb_key_state(np.uint64(2**64 - 5), np.uint64(12), np.uint64(i), np.uint64(3))
+        assert [nb_slot_uniform(np.uint64(state), k) for k in range(u.shape[1])] == u[row].tolist()
+    keys = view_epochs(9, 14, indices, 5)
+    assert [nb_view_epoch(np.uint64(9), 14, np.uint64(i), 5) for i in indices] == keys.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_pixel_boxes_are_torchvision_random_resized_crops_of_the_whole_image(name):
+    recipe = get_recipe(name)
+    heights, widths = np.full(5000, 300), np.full(5000, 457)
+    top, left, h, w = pixel_boxes(1, 2, np.arange(5000), 0, recipe, heights, widths).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 300).all() and (left + w <= 457).all()
+    area = h * w / (300 * 457)
+    slack = (h + w + 1) / (300 * 457)  # torchvision rounds w and h to whole pixels
+    assert (area >= recipe.scale[0] - slack).all() and (area <= recipe.scale[1] + slack).all()
+    # Log-uniform aspect ratio (on a square image, where rejected tries do not favour one orientation).
+    _, _, sh, sw = pixel_boxes(1, 2, np.arange(5000), 0, recipe, 400, 400).T
+    assert abs(np.median(np.log(sw / sh))) < 0.05
+    # The same key gives the same box; another view key another one.
+    assert np.array_equal(pixel_boxes(1, 2, [17], 0, recipe, 300, 457)[0], [top[17], left[17], h[17], w[17]])
+    assert not np.array_equal(pixel_boxes(1, 2, [17], 1, recipe, 300, 457)[0], [top[17], left[17], h[17], w[17]])
+
+
+def test_pixel_boxes_fall_back_to_torchvisions_central_crop():
+    recipe = replace(RECIPES["mocov2"], scale=(0.99, 1.0), ratio=(3.0, 4.0))
+    assert pixel_boxes(0, 0, np.arange(3), 0, recipe, 300, 300).tolist() == [[100, 0, 100, 300]] * 3
 
 
 def test_flip_gray_jitter_and_blur_rates_match_the_recipe():

@@ -89,7 +89,7 @@ def test_wrong_type_names_the_key_and_the_value():
     ("checkpoint.keep=1", "checkpoint.keep"),
     ("optim.precision=fp16", "optim.precision"),
     ("method.name=byol", "method.name"),
-    ("data.decode_resolution=16", "data.decode_resolution"),
+    ("data.resolution=0", "data.resolution"),
     ("nodes=0", "nodes"),
     ("teacher.head=conv", "teacher.head"),
     ("cluster.backend=k8s", "cluster.backend"),

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ffcv_build import build_imagefolder
-from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, augment
+from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, finish_view, pixel_boxes, view_epochs
 from seed_cluster.config import DataConfig
 from seed_cluster.data import TrainStream, ViewSpec, epoch_order, eval_batches
 from seed_cluster.errors import DataError
@@ -32,7 +32,7 @@ B = 64  # 2000 Fashion-MNIST images: 31 batches per epoch on one rank
 
 def data_cfg(data: Path, **kw) -> DataConfig:
     defaults = dict(name="fashion_mnist", train=str(data / "train.beton"), val=str(data / "test.beton"),
-                    resolution=32, decode_resolution=32, batch_size_per_rank=B, num_workers=1,
+                    resolution=32, batch_size_per_rank=B, num_workers=1,
                     mean=[0.286] * 3, std=[0.353] * 3)
     return DataConfig(**{**defaults, **kw})
 
@@ -189,18 +189,39 @@ def test_other_seeds_and_epochs_give_other_views_of_the_same_image(fmnist_small)
 # --- multi-crop ----------------------------------------------------------------------------------------
 
 
-def decoded(data: Path, indices: torch.Tensor) -> torch.Tensor:
-    """The uint8 squares FFCV decodes for `indices` (read in file order by the eval loader's decoder)."""
-    s = stream(data)
-    images = {}
+def full_images(data: Path, indices: torch.Tensor) -> np.ndarray:
+    """The whole decoded images of `indices` ([N, 28, 28, 3] Fashion-MNIST, read in file order)."""
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
     from seed_cluster.data import _pipelines
-    loader = Loader(s.cfg.train, batch_size=500, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    pipelines=_pipelines(32), drop_last=False)
+    images = {}
+    loader = Loader(str(data / "train.beton"), batch_size=500, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines=_pipelines(SimpleRGBImageDecoder()), drop_last=False)
     for imgs, _, idx in loader:
-        images.update({int(i): img.clone() for i, img in zip(idx, imgs, strict=True)})
-    return torch.stack([images[int(i)] for i in indices])
+        images.update({int(i): img.numpy().copy() for i, img in zip(idx, imgs, strict=True)})
+    return np.stack([images[int(i)] for i in indices])
+
+
+def expected_views(images: np.ndarray, indices: torch.Tensor, *, seed: int, epoch, view: int, spec: ViewSpec,
+                   mean=(0.286,) * 3, std=(0.353,) * 3) -> torch.Tensor:
+    """What the pipeline must give: augment's pixel box of the whole image, resized as the decoder resizes
+    (INTER_AREA to shrink, its bilinear to enlarge: tests/test_ffcv_ops.py checks both against references),
+    then augment's flip and photometric ops."""
+    import cv2
+
+    from seed_cluster.ffcv_ops import resize_bilinear
+
+    recipe = RECIPES[spec.recipe]
+    boxes = pixel_boxes(seed, epoch, indices, view, recipe, images.shape[1], images.shape[2])
+    crops = np.zeros((len(images), spec.size, spec.size, 3), np.uint8)
+    for img, (t, x, h, w), out in zip(images, boxes, crops, strict=True):
+        if h < spec.size or w < spec.size:
+            resize_bilinear(img, t, x, h, w, out)
+        else:
+            out[:] = cv2.resize(img[t:t + h, x:x + w], (spec.size, spec.size), interpolation=cv2.INTER_AREA)
+    return finish_view(torch.from_numpy(crops), indices, seed=seed, epoch=epoch, view=view, recipe=recipe,
+                       mean=mean, std=std)
 
 
 def test_view_specs_give_one_global_and_small_crops_from_one_decode_keyed_by_view_index(fmnist_small):
@@ -209,12 +230,33 @@ def test_view_specs_give_one_global_and_small_crops_from_one_decode_keyed_by_vie
     assert s.num_views == 7
     (batch,) = take(s, 1)
     assert [tuple(v.shape) for v in batch.views] == [(B, 3, 32, 32)] + [(B, 3, 14, 14)] * 6
-    images = decoded(fmnist_small, batch.indices)
+    images = full_images(fmnist_small, batch.indices)
     for v, spec in enumerate(specs):
-        expected = augment(images, batch.indices, seed=3, epoch=0, view=v, recipe=RECIPES[spec.recipe],
-                           size=spec.size, mean=[0.286] * 3, std=[0.353] * 3)
-        assert torch.equal(batch.views[v], expected), v
+        assert torch.equal(batch.views[v], expected_views(images, batch.indices, seed=3, epoch=0, view=v, spec=spec)), v
     assert not torch.equal(batch.views[1], batch.views[2])
+
+
+def test_the_epoch_reaches_the_compiled_decoder_every_epoch_and_replayed_views_use_view_epochs(fmnist_small):
+    """numba freezes captured arrays, so an epoch that never reached the compiled pipeline would repeat epoch
+    0's crops: check each epoch's views against augment's boxes for that epoch (and for replayed view keys)."""
+    spec = ViewSpec("mocov2", 20)
+    s = stream(fmnist_small, seed=5, num_views=[spec])
+    replayed = TrainStream(data_cfg(fmnist_small), seed=5, rank=0, world_size=1, num_views=[spec], device=CPU,
+                           replayed_views=3)
+    firsts = []
+    for epoch in (0, 1, 2):
+        for st in (s, replayed):
+            st.load_state_dict({"epoch": epoch, "batches_consumed": st.steps_per_epoch - 1, "world_size": 1})
+        (batch,), (rbatch,) = take(s, 1), take(replayed, 1)
+        assert batch.epoch == epoch
+        images = full_images(fmnist_small, batch.indices)
+        assert torch.equal(batch.views[0], expected_views(images, batch.indices, seed=5, epoch=epoch, view=0,
+                                                          spec=spec))
+        keys = view_epochs(5, epoch, rbatch.indices.numpy(), 3)
+        assert torch.equal(rbatch.views[0], expected_views(images, rbatch.indices, seed=5, epoch=keys, view=0,
+                                                           spec=spec))
+        firsts.append(batch.views[0])
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -248,7 +290,7 @@ def test_eval_batches_resize_and_centre_crop_like_torchvision_with_labels(eval_f
     beton, images = eval_folder
     classes = json.loads(beton.with_suffix(".json").read_text())["classes"]
     order = sorted(images, key=lambda ci: ci[0])  # ImageFolder order: by class, then by file name
-    cfg = DataConfig(train=str(beton), resolution=224, decode_resolution=256, num_workers=1)
+    cfg = DataConfig(train=str(beton), resolution=224, num_workers=1)
     views, labels = zip(*eval_batches(str(beton), cfg, CPU, batch_size=2), strict=True)
     views, labels = torch.cat(views), torch.cat(labels)
     assert views.shape == (5, 3, 224, 224)
@@ -259,7 +301,7 @@ def test_eval_batches_resize_and_centre_crop_like_torchvision_with_labels(eval_f
         diff = (view - reference(img)).abs().mean().item()
         assert diff < 0.02, diff  # resampling differs (measured <= 0.01); a crop off by 1/8 is > 0.2
     # And scaled down for small datasets: Resize(36) + CenterCrop(32).
-    small = replace(cfg, resolution=32, decode_resolution=64)
+    small = replace(cfg, resolution=32)
     (view, _), *_ = eval_batches(str(beton), small, CPU, batch_size=8)
     assert view.shape == (5, 3, 32, 32)
 

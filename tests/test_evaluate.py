@@ -17,7 +17,7 @@ from seed_cluster.evaluate import extract_features, extract_sharded, load_backbo
 
 def _data(root) -> DataConfig:
     return DataConfig(name="fashion_mnist", train=str(root / "train.beton"), val=str(root / "test.beton"),
-                      resolution=32, decode_resolution=32, num_workers=1, mean=[0.286] * 3, std=[0.353] * 3)
+                      resolution=32, num_workers=1, mean=[0.286] * 3, std=[0.353] * 3)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenetv3_large_100"])

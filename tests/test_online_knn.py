@@ -14,7 +14,7 @@ from seed_cluster.online_knn_config import OnlineKNNConfig
 
 def _data(root, val=True) -> DataConfig:
     return DataConfig(name="fashion_mnist", train=str(root / "train.beton"),
-                      val=str(root / "test.beton") if val else None, resolution=32, decode_resolution=32,
+                      val=str(root / "test.beton") if val else None, resolution=32,
                       num_workers=1, mean=[0.286] * 3, std=[0.353] * 3)
 
 

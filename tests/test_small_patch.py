@@ -34,7 +34,7 @@ def make_views(method: SEEDSmallPatch, batch: int = B) -> list[torch.Tensor]:
 def test_build_method_asks_for_one_global_and_six_small_views_scaled_to_the_resolution():
     cfg = TrainConfig(student=StudentConfig(arch="convnet_s"), teacher=TeacherConfig(arch="convnet_s"),
                       method=MethodConfig(name="seed_small_patch", dim=DIM, queue_size=QUEUE),
-                      data=DataConfig(train="unused.beton", resolution=32, decode_resolution=32))
+                      data=DataConfig(train="unused.beton", resolution=32))
     method = build_method(cfg)
     assert isinstance(method, SEEDSmallPatch)
     assert method.num_views == (ViewSpec("swav_global", 32),) + (ViewSpec("swav_small", 14),) * 6
