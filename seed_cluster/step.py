@@ -32,11 +32,13 @@ from .errors import ConfigError
 from .methods import StepOutput
 
 
-def check_perf(perf: PerfConfig, device: torch.device) -> None:
-    """What `PerfConfig` can only check knowing the device, before any model is built."""
-    if perf.compile and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
-        raise ConfigError("perf.compile=true on the CPU needs a C++ compiler (g++) to build its kernels; install "
-                          "g++ (make setup does) or set perf.compile=false")
+def check_perf(perf: PerfConfig) -> None:
+    """What `PerfConfig` cannot check by its values alone; run before submission (launcher preflight) and again
+    in the job. torch.compile builds kernels with the machine's compiler: inductor's C++ ones on the CPU,
+    Triton's launchers (a C compiler) on CUDA."""
+    if perf.compile and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise ConfigError("perf.compile=true needs a C++ compiler (g++) to build the compiled kernels; install g++ "
+                          "(make setup does) or set perf.compile=false")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.SGD:
@@ -74,7 +76,7 @@ class TrainStep:
 
     def __init__(self, method: nn.Module, optim: OptimConfig, perf: PerfConfig, device: torch.device, lr: float,
                  bf16: bool, distributed: bool = False):
-        check_perf(perf, device)
+        check_perf(perf)
         self.method = method
         self.bf16, self.grad_clip, self.channels_last = bf16, optim.grad_clip, perf.channels_last
         if perf.channels_last:  # before DDP and the optimizer see the parameters

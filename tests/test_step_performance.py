@@ -228,3 +228,12 @@ def test_perf_keys_do_not_change_the_run_hash(override):
 def test_invalid_perf_values_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config([TRAIN, override])
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_built(monkeypatch):
+    import seed_cluster.step as step
+
+    monkeypatch.setattr(step.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="perf.compile=true needs a C"):
+        step.check_perf(PerfConfig(compile=True))
+    step.check_perf(PerfConfig(compile=False))  # nothing to build: no compiler needed
