@@ -1,15 +1,16 @@
 """One training step, set up to run fast: teacher, student forward/backward, optimizer step, enqueue.
 
 `TrainStep` owns how the step runs, `Trainer` owns when (schedule, logging, checkpoints), and the
-method (`seed_cluster.methods`) owns what is computed. The choices, each measured by
-`bench/train_step.py` against the straightforward step the official code takes:
+method (`seed_cluster.methods`) owns what is computed. The choices, measured together by
+`bench/train_step.py` against the straightforward step the official code takes (ablations of the
+layout in bench/RESULTS.md; on the CPU channels-last is most of the gain):
 
 - the frozen teacher runs under inference mode with its BatchNorms folded into the convolutions,
   in the layout and precision of the `perf` config section (`FrozenTeacher.configure`);
 - student, teacher and images in channels-last layout (`perf.channels_last`), which oneDNN and
   cuDNN convolutions prefer;
-- the loss scores the batch against the queue in place, with no clone of the queue and no
-  concatenated ``[N, K + 1]`` logits (`seed_cluster.loss`);
+- the loss scores the batch against the queue with one matmul per branch and its own backward, with
+  no clone of the queue and no concatenated ``[N, K + 1]`` logits (`seed_cluster.loss`);
 - SGD's fused (or multi-tensor) kernels instead of a Python loop over the parameters;
 - under DDP: gradients as views of the buckets, the bucket size from `perf.ddp_bucket_mb`, no
   search for unused parameters, and neither teacher nor queue inside the wrapper or the optimizer;
