@@ -237,3 +237,20 @@ def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_built(monk
     with pytest.raises(ConfigError, match="perf.compile=true needs a C"):
         step.check_perf(PerfConfig(compile=True))
     step.check_perf(PerfConfig(compile=False))  # nothing to build: no compiler needed
+
+
+def test_mocov2_steps_in_channels_last_and_its_key_encoder_follows_the_student():
+    from seed_cluster.methods.mocov2 import MoCoV2
+
+    torch.manual_seed(0)
+    method = MoCoV2(Encoder("convnet_s", DIM), MethodConfig(name="mocov2", queue_size=QUEUE, dim=DIM, bn_splits=2))
+    step = TrainStep(method, OptimConfig(), PerfConfig(channels_last=True), torch.device("cpu"), lr=LR, bf16=False)
+    conv = method.key_encoder.backbone.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    out = step([images(0), images(1)], None, lr=LR)
+    assert torch.isfinite(out.loss) and method.queue.ptr.item() == BATCH
+    # The key encoder starts as a copy of the student: it moves on the next step, towards the updated student.
+    before, student = conv.detach().clone(), method.student.backbone.features[0].weight.detach().clone()
+    step([images(2), images(3)], None, lr=LR)
+    torch.testing.assert_close(conv, 0.999 * before + 0.001 * student)
+    assert (conv - before).abs().max() > 1e-7
