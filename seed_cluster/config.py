@@ -204,6 +204,32 @@ class OptimConfig:
         _raise_if(problems)
 
 
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class PerfConfig:
+    """How fast the step runs, not what it computes (left out of the run hash; seed_cluster.step)."""
+
+    channels_last: bool = True
+    """Student, teacher and input images in channels-last (NHWC) layout, which cuDNN and oneDNN convolutions
+    prefer (depthwise convolutions of MobileNet/EfficientNet most of all)."""
+    teacher_precision: str = "auto"
+    """The frozen teacher's forward: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16. Its embedding is
+    L2-normalised and scored against the queue in fp32 either way."""
+    compile: bool = False
+    """torch.compile the student and the teacher (on CPU this needs a C++ compiler, e.g. g++)."""
+    ddp_bucket_mb: float = 25.0
+    """DDP gradient bucket size (MB); smaller buckets start the all-reduce of a small student earlier."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, self.teacher_precision in TEACHER_PRECISIONS,
+               f"perf.teacher_precision={self.teacher_precision!r} must be one of {', '.join(TEACHER_PRECISIONS)}")
+        _check(problems, self.ddp_bucket_mb > 0, f"perf.ddp_bucket_mb={self.ddp_bucket_mb} must be > 0")
+        _raise_if(problems)
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
@@ -326,6 +352,8 @@ class TrainConfig:
     knn: OnlineKNNConfig = field(default_factory=OnlineKNNConfig)
     """Online kNN of the student's backbone during training (off unless knn.every_steps > 0)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Speed of the training step (memory layout, teacher precision, compilation, DDP buckets)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -349,7 +377,8 @@ class TrainConfig:
 
 # Keys that say where and how the job runs but not what it computes: they are left
 # out of the run hash so that resubmitting on another cluster setup resumes the run.
-_PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device", "knn")
+# `perf` is among them: it changes the speed of the step, and its numbers only within rounding.
+_PLACEMENT_KEYS = ("cluster", "nodes", "logging", "checkpoint", "output_dir", "run_dir", "device", "knn", "perf")
 _PLACEMENT_SECTION_KEYS = (("data", "num_workers"), ("data", "os_cache"), ("cache", "path"), ("cache", "chunk_size"),
                            ("cache", "verify"))
 

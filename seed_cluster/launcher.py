@@ -114,6 +114,7 @@ def preflight(cfg: TrainConfig) -> None:
     """Everything knowable before submission: dataset readable, models exist, teacher file present, output writable."""
     from .data import check_dataset
     from .models import build_backbone
+    from .step import check_perf
 
     problems: list[str] = []
     for check in (
@@ -123,6 +124,7 @@ def preflight(cfg: TrainConfig) -> None:
         lambda: cfg.method.name != "mocov2" and build_backbone(cfg.teacher.arch, "teacher.arch"),
         lambda: cfg.method.name != "mocov2" and cfg.teacher.checkpoint and _teacher_exists(cfg.teacher.checkpoint),
         lambda: _writable(run_dir(cfg)),
+        lambda: check_perf(cfg.perf),
     ):
         try:
             check()

@@ -6,16 +6,17 @@ Official code: https://github.com/jacobswan1/SEED
 
 Both losses score a batch against a queue of teacher (SEED) or key (MoCo) embeddings
 over the ``K + 1`` candidates ``[positive, queue_0, ..., queue_{K-1}]``. The positive
-column and the queue block are computed separately and joined with ``logaddexp``, so
-the ``[N, K + 1]`` concatenation of the textbook definition is never materialised and
-the queue is never copied (beyond autocast's own cast for the student matmul). The
-results equal the textbook definition; ``tests/test_loss.py`` checks this in float64.
+column and the queue block are computed separately, so the ``[N, K + 1]``
+concatenation of the textbook definition is never materialised and the queue is never
+copied. ``seed_loss`` has its own backward (`_SEEDLoss`: one matmul per branch against
+the queue, softmaxes computed in place). The results equal the textbook definition;
+``tests/test_loss.py`` checks this in float64.
 
-Precision: every softmax / log-softmax runs in float32. Under
-``torch.autocast(..., dtype=torch.bfloat16)`` the student matmul runs in bf16 and its
-logits are cast to float32 before dividing by ``tau_s``; the teacher branch (detached)
-runs entirely in float32 with autocast disabled, because at ``tau_t = 1e-4`` a bf16
-rounding error of ~4e-3 in a similarity becomes ~40 in a logit.
+Precision: every softmax / log-softmax runs in float32. ``seed_loss`` runs entirely in
+float32 (autocast disabled): its matmuls are small next to the networks, and at
+``tau_t = 1e-4`` a bf16 rounding error of ~4e-3 in a similarity becomes ~40 in a logit.
+``infonce_loss`` under ``torch.autocast(..., dtype=torch.bfloat16)`` runs its matmul in
+bf16 and casts the logits to float32 before dividing by ``tau``.
 """
 
 from __future__ import annotations
@@ -86,17 +87,62 @@ def seed_loss(
     Returns:
         Scalar float32 loss.
     """
-    t_pos, t_neg = _teacher_logits(teacher, queue, tau_t)
-    t_lse = _log_normaliser(t_pos, t_neg)
-    p_pos = torch.exp(t_pos - t_lse)  # [N]
-    p_neg = torch.exp(t_neg - t_lse[:, None])  # [N, K]
+    return _SEEDLoss.apply(student, teacher.detach(), queue.detach(), tau_s, tau_t)
 
-    s_pos, s_neg = _split_logits(student, teacher.detach(), queue.detach(), tau_s)
-    s_lse = _log_normaliser(s_pos, s_neg)
-    # sum_j p_j * log_softmax_j = sum_j p_j * logit_j - lse * sum_j p_j, split into the positive
-    # column and the queue block (sum_j p_j is kept as computed, not assumed to be exactly 1).
-    cross = p_pos * s_pos + (p_neg * s_neg).sum(dim=1) - s_lse * (p_pos + p_neg.sum(dim=1))
-    return -cross.mean()
+
+class _SEEDLoss(torch.autograd.Function):
+    """`seed_loss` with a hand-written backward, in at least float32 whatever autocast says.
+
+    Autograd through the composite formula keeps about six ``[N, K]`` tensors alive and makes about
+    fifteen elementwise passes over them (on a CPU this cost more than the concatenating textbook
+    version). Here forward makes two ``[N, K]`` buffers, each written by its matmul and then updated
+    in place (scale, shift, exp, normalise): the teacher target ``p`` and the student softmax ``q``.
+    With ``P = sum_j p_j`` (1 up to rounding) the gradient is
+    ``d loss / d logit_j = (P q_j - p_j) / N`` for every column, so backward is one more pass and one
+    matmul against the queue. The matmuls run in float32 (or the inputs' wider type): they are small
+    next to the networks, and bf16 similarities would be off by ~40 logit units at ``tau_t = 1e-4``.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, queue, tau_s, tau_t):
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            s, t, q = student.to(dtype), teacher.to(dtype), queue.to(dtype)
+            # The temperatures scale the [N, D] operands, not the [N, K] products: one pass less each.
+            t_tau, s_tau = t / tau_t, s / tau_s
+            p_pos, p_neg = _softmax_split((t_tau * t).sum(dim=1), torch.mm(t_tau, q.T))
+            s_pos = (s_tau * t).sum(dim=1)
+            s_neg = torch.mm(s_tau, q.T)
+            # sum_j p_j * logit_j, before s_neg is overwritten by the student softmax
+            target_logit = p_pos * s_pos + torch.bmm(p_neg.unsqueeze(1), s_neg.unsqueeze(2)).view(-1)
+            q_pos, q_neg, lse = _softmax_split(s_pos, s_neg, with_lse=True)
+            p_sum = p_pos + p_neg.sum(dim=1)
+            loss = -(target_logit - lse * p_sum).mean()
+        ctx.save_for_backward(t, q, p_pos, p_neg, q_pos, q_neg, p_sum)
+        ctx.tau_s, ctx.in_dtype = tau_s, student.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        t, q, p_pos, p_neg, q_pos, q_neg, p_sum = ctx.saved_tensors
+        scale = grad_loss.to(t.dtype) / (ctx.tau_s * t.shape[0])
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            grad_neg = q_neg.mul_(p_sum[:, None]).sub_(p_neg)  # in place: q_neg is not used again
+            grad_pos = q_pos * p_sum - p_pos
+            grad_student = torch.mm(grad_neg, q).add_(grad_pos[:, None] * t).mul_(scale)
+        return grad_student.to(ctx.in_dtype), None, None, None, None
+
+
+def _softmax_split(pos: torch.Tensor, neg: torch.Tensor, with_lse: bool = False):
+    """softmax([pos, neg]) as (``[N]``, ``[N, K]``), overwriting `neg` with its part; and logsumexp if asked."""
+    top = torch.maximum(pos, neg.amax(dim=1))
+    e_pos = torch.exp(pos - top)
+    e_neg = neg.sub_(top[:, None]).exp_()
+    total = e_pos + e_neg.sum(dim=1)
+    e_neg.div_(total[:, None])
+    if with_lse:
+        return e_pos / total, e_neg, top + torch.log(total)
+    return e_pos / total, e_neg
 
 
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:

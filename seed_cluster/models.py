@@ -10,14 +10,18 @@ embedding an `Encoder` returns is L2-normalised. Backbones: timm models, SwAV's
 from __future__ import annotations
 
 import difflib
+import logging
 
 import timm
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
 from .swav_resnet import SWAV_WIDTHS, swav_resnet
+
+logger = logging.getLogger(__name__)
 
 # Small plain convnets (six conv-BN-ReLU blocks, downsampling by 2 at blocks 2, 4 and 6):
 # on 28-32 px images they learn in a few hundred steps where ImageNet-stem timm models
@@ -121,3 +125,56 @@ class Encoder(nn.Module):
 
 def build_student(arch: str, dim: int) -> Encoder:
     return Encoder(arch, dim, head="mlp", key="student.arch")
+
+
+@torch.no_grad()
+def fold_batchnorm(network: nn.Module) -> int:
+    """Fold every BatchNorm2d that only normalises one Conv2d's output into that convolution; returns how many.
+
+    In eval mode a BatchNorm2d is the per-channel affine map ``y = (x - mean) / sqrt(var + eps) * w + b``, so
+    ``bn(conv(x))`` equals one convolution with its weight scaled per output channel and a bias. This is for
+    networks that never train again (the frozen teacher): the folded convolution saves one pass over every
+    activation, and the BN becomes ``nn.Identity``. Which BN follows which convolution is read from the
+    network's traced graph (torch.fx), not from module names, so a pair is folded only when the convolution's
+    output goes to the BN and nowhere else. A network that cannot be traced is left unchanged (logged).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(network).graph
+    except Exception as error:  # tracing is best effort: any network without a traceable forward keeps its BNs
+        logger.info("fold_batchnorm: %s cannot be traced (%s); its BatchNorm layers are kept",
+                    type(network).__name__, error)
+        return 0
+    modules = dict(network.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
+            continue
+        source = node.args[0]
+        conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
+        # A module called twice shares its weights between both calls: folding would change the other one.
+        if type(conv) is not nn.Conv2d or len(source.users) != 1 or calls[source.target] != 1:
+            continue
+        _fold_into(conv, bn)
+        network.set_submodule(node.target, nn.Identity())
+        folded += 1
+    return folded
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Scale `conv`'s output channels and add the bias that together equal `bn(conv(x))` in eval mode.
+    Computed in float64 so the fold adds no rounding beyond the final cast."""
+    dtype = conv.weight.dtype
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    bias = (bias - bn.running_mean.double()) * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)

@@ -66,6 +66,8 @@ def precompute(cfg: TrainConfig, env: DistEnv, preemption: Preemption, device: t
     mine = [i for i in range(len(writer.ranges)) if i % env.world_size == env.rank and i not in writer.done()]
     specs = view_specs(cfg)
     teacher = load_teacher(cfg.teacher, cfg.method.dim, seed=cfg.seed).to(device)
+    # Set up as training sets up its live teacher, so that cached and live embeddings agree to rounding.
+    teacher.configure(channels_last=cfg.perf.channels_last, precision=cfg.perf.teacher_precision)
     order = np.concatenate([np.arange(*writer.ranges[i]) for i in mine]) if mine else np.zeros(0, np.int64)
     bar = tqdm(total=len(order) * writer.views, disable=env.rank != 0 or not cfg.logging.progress_bar,
                unit="img-key", desc=f"precompute {cfg.teacher.arch} x {writer.views} views", dynamic_ncols=True)

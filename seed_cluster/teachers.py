@@ -26,6 +26,7 @@ like, the first missing / unexpected / mis-shaped keys and the conf/teacher pres
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import hashlib
 import json
@@ -42,7 +43,7 @@ from torch import nn
 
 from .config import TeacherConfig
 from .errors import ConfigError, SeedClusterError, TeacherError
-from .models import SMALL_CONVNETS, Encoder
+from .models import SMALL_CONVNETS, Encoder, fold_batchnorm
 from .swav_resnet import SWAV_WIDTHS
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ FORMATS = {
 class FrozenTeacher(nn.Module):
     """Wraps an `Encoder`: no gradients, always in eval mode (even after `.train()` on it or on a parent).
 
-    Forward runs under inference mode (on CUDA: bf16 autocast and channels_last), L2-normalises in fp32 and
-    returns an ordinary tensor [N, dim] that may enter the student's autograd graph.
+    Forward runs under inference mode, L2-normalises in fp32 and returns an ordinary tensor [N, dim] that may
+    enter the student's autograd graph. By default it runs on CUDA in bf16 autocast and channels_last and on
+    the CPU as the surrounding autocast says; `configure` (the perf config section) chooses explicitly.
     """
 
     def __init__(self, encoder: Encoder, fingerprint: str, format: str = "", source: str = ""):
@@ -78,7 +80,12 @@ class FrozenTeacher(nn.Module):
         self.format = format
         self.source = source
         self.dim = encoder.dim
-        self._channels_last = False
+        self.channels_last: Optional[bool] = None
+        """None: channels_last on CUDA only."""
+        self.precision = "auto"
+        """auto (bf16 on CUDA; on the CPU whatever autocast is active), fp32 or bf16."""
+        self._layout_done = False
+        self.__dict__["_compiled"] = None  # not a submodule: the state dict keeps the encoder's own names
         self.train(False)  # the wrapper itself too, so `teacher.training` is False from the start
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
@@ -86,17 +93,38 @@ class FrozenTeacher(nn.Module):
         super().train(False)
         return self
 
+    def configure(self, channels_last: bool, precision: str, compile: bool = False) -> "FrozenTeacher":
+        """Set up the forward for speed: fold BN into the convolutions (exact in eval mode up to rounding; the
+        teacher never trains), memory layout, precision (auto, fp32, bf16) and optionally torch.compile.
+        The fingerprint was taken from the loaded weights before, so the run's identity does not change."""
+        folded = fold_batchnorm(self.encoder.backbone)
+        logger.info("teacher: folded %d BatchNorm layers into their convolutions", folded)
+        self.channels_last, self.precision = channels_last, precision
+        self._layout_done = False
+        self.__dict__["_compiled"] = torch.compile(self._unnormalised) if compile else None
+        return self
+
+    def _unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised by `forward` in fp32: a bf16 normalisation would round every embedding first.
+        return self.encoder.head(self.encoder.backbone(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not self._channels_last:
-            self.encoder.to(memory_format=torch.channels_last)
-            self._channels_last = True
+        channels_last = x.is_cuda if self.channels_last is None else self.channels_last
+        if channels_last and x.ndim == 4:
+            if not self._layout_done:
+                self.encoder.to(memory_format=torch.channels_last)
+                self._layout_done = True
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "auto" and not x.is_cuda:
+            precision = contextlib.nullcontext()  # the CPU teacher follows the step's own autocast
+        else:
+            bf16 = self.precision == "bf16" or (self.precision == "auto" and x.is_cuda)
+            precision = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+        embed = self._compiled or self._unnormalised
         with torch.inference_mode():
-            if x.is_cuda:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    z = self.encoder.head(self.encoder.backbone(x.contiguous(memory_format=torch.channels_last)))
-                z = F.normalize(z.float(), dim=1)
-            else:
-                z = self.encoder(x)
+            with precision:
+                z = embed(x)
+            z = F.normalize(z.float(), dim=1)
         return z.clone()  # an inference tensor cannot be saved for the student's backward; its clone can
 
 

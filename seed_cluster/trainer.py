@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .cache import FeatureCache, open_for_training
@@ -33,6 +32,7 @@ from .metrics import MetricsLogger
 from .online_knn import OnlineKNN
 from .preemption import NO_SIGNAL, Preemption, RequeueLoopError, RestartGuard
 from .schedule import learning_rate
+from .step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class Trainer:
     run_dir: Path
     # model
     method: nn.Module
-    model: nn.Module
-    """The trained network as the step calls it: the student, inside DDP when distributed."""
+    step: TrainStep
+    """One optimisation step, set up for speed (perf config section); holds the student's DDP wrapper."""
     optimizer: torch.optim.Optimizer
     # data and bookkeeping
     cache: Optional[FeatureCache]
@@ -126,23 +126,17 @@ class Trainer:
         self.method = build_method(cfg, with_teacher=self.cache is None).to(self.device)
         self.teacher_fingerprint = self.cache.teacher if self.cache else \
             getattr(getattr(self.method, "teacher", None), "fingerprint", None)
-        self.model = self._wrap(self.method.student)
         self.data = TrainStream(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                                 num_views=self.method.num_views, device=self.device,
                                 replayed_views=cfg.cache.views, cache=self.cache)
         self.online_knn = OnlineKNN(cfg.knn, cfg.data, self.device, env.rank, env.world_size)
         self.derived = derive(cfg, self.data.num_samples, env.world_size)
-        self.optimizer = torch.optim.SGD(self.method.student.parameters(), lr=self.derived.lr,
-                                         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and self.device.type == "cuda")
+        self.step = TrainStep(self.method, cfg.optim, cfg.perf, self.device, lr=self.derived.lr, bf16=bf16,
+                              distributed=is_distributed())
+        self.optimizer = self.step.optimizer
         self.state = TrainState()
         torch.manual_seed(cfg.seed * 1000 + env.rank)  # per-rank stream for in-step randomness
-        self.bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and self.device.type == "cuda")
-
-    def _wrap(self, student: nn.Module) -> nn.Module:
-        if not is_distributed():
-            return student
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(student, device_ids=device_ids)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -181,22 +175,10 @@ class Trainer:
         return last
 
     def train_step(self, batch: Batch, with_stats: bool = False) -> StepOutput:
-        # 1. Schedule: the lr of this step is a pure function of the step.
-        lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # 2-4. Teacher (or key) embeddings (or the cached teacher's), student forward, loss against the queue.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.method.compute(batch.views, self.model, with_stats=with_stats, targets=batch.targets)
-        # 5. Backward, clip, optimizer step.
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if self.cfg.optim.grad_clip > 0:
-            out.stats["grad/norm"] = nn.utils.clip_grad_norm_(self.method.student.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        # 6. Enqueue this step's teacher (key) embeddings, gathered from every rank.
-        self.method.enqueue(out.keys)
-        return out
+        """The lr of this step is a pure function of the step; `self.step` (seed_cluster.step) runs the teacher
+        (or reads its cached embeddings, `batch.targets`), the student, the loss against the queue, backward,
+        the optimizer step and the enqueue."""
+        return self.step(batch.views, batch.targets, lr=self.current_lr(), with_stats=with_stats)
 
     def current_lr(self) -> float:
         d = self.derived
