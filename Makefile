@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist \
+APT_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev dataset-fashion-mnist \
 	slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 STAMP := $(VENV)/.installed
 
