@@ -17,4 +17,6 @@ common=(--device cuda --precision bf16 --batch 256 --resolutions 224 --iters 10 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" bench/train_step.py --students mobilenetv3_large_100 --teacher resnet50 "${common[@]}"
 "$PYTHON" bench/train_step.py --students efficientnet_b0 --teacher swav_resnet50w2 "${common[@]}"
+# Issue #7's GPU figure: SEED steps from the teacher feature cache vs the live bf16 teacher.
+"$PYTHON" bench/teacher_cache.py --device cuda --precision bf16 --batch 256 --images 4096 --steps 10 | tee -a "$RESULTS"
 echo "appended to $RESULTS"

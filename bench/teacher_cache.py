@@ -15,6 +15,7 @@ MobileNetV3-Large forward+backward ~3 x 0.22 GFLOPs, so the cache can save at mo
 
     python bench/teacher_cache.py                      # 224 px, batch 16, 8 timed steps each
     python bench/teacher_cache.py --resolution 128 --steps 20 --threads 2
+    python bench/teacher_cache.py --device cuda --precision bf16 --batch 256 --images 4096   # bench/gpu.sh
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--student", default="mobilenetv3_large")
     parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="optim.precision (autocast)")
     args = parser.parse_args()
 
     import torch
@@ -55,17 +58,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     build_fashion_mnist(work / "data", limit=args.images)
-    base = ["cluster=local", "device=cpu", "data=fashion_mnist", f"data.train={work / 'data' / 'train.beton'}",
+    device = torch.device(args.device)
+    base = ["cluster=local", f"device={args.device}", f"optim.precision={args.precision}", "data=fashion_mnist",
+            f"data.train={work / 'data' / 'train.beton'}",
             "data.val=null", f"data.resolution={args.resolution}",
             f"data.batch_size_per_rank={args.batch}", "data.num_workers=1", f"student={args.student}",
             f"teacher={args.teacher}", "method=seed", "method.queue_size=4096", "knn.every_steps=0",
             f"cache.views={args.views}", "cache.dtype=fp16", f"output_dir={work / 'out'}",
             "logging.progress_bar=false", "optim.max_steps=100000"]
-    print(f"{args.student} <- {args.teacher} at {args.resolution} px, batch {args.batch}, {args.threads} threads, "
+    print(f"{args.student} <- {args.teacher} at {args.resolution} px, {args.device} {args.precision}, batch {args.batch}, "
+          f"{args.threads} threads, "
           f"{args.images} images x {args.views} views", flush=True)
 
     started = time.perf_counter()
-    summary = precompute(load_config([*base, "mode=precompute"]), DistEnv.detect(), Preemption(), torch.device("cpu"))
+    summary = precompute(load_config([*base, "mode=precompute"]), DistEnv.detect(), Preemption(), device)
     seconds = time.perf_counter() - started
     print(f"precompute: {args.images * args.views} teacher views in {seconds:.1f} s "
           f"({summary['images_per_s'] * args.views:.1f} views/s, including FFCV's pipeline compilation)", flush=True)
@@ -78,6 +84,8 @@ def main() -> None:
         for name, trainer in sides.items():
             start = time.perf_counter()
             trainer.train_step(next(streams[name]))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if step >= 2:  # the first steps compile FFCV's pipeline and warm up allocators
                 times[name].append(time.perf_counter() - start)
     rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
