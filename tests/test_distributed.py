@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
-import time
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from seed_cluster.distributed import all_reduce_max, broadcast_object
 
@@ -27,12 +25,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_broadcast_object_without_a_process_group_returns_the_object():
     value = {"done": [1, 2]}
     assert broadcast_object(value) is value
@@ -41,17 +33,7 @@ def test_broadcast_object_without_a_process_group_returns_the_object():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_every_rank_gets_rank_0s_object(tmp_path):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("gloo workers did not finish within 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_worker, str(tmp_path))
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result == {"seen": {"rank": 0, "done": [0, 3]}, "largest": 6.0}

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import run_ranks
 
 from seed_cluster.errors import ConfigError
 from seed_cluster.queue import EmbeddingQueue
@@ -171,27 +169,10 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_hold_identical_queue_equal_to_rank_ordered_reference(tmp_path):
-    context = mp.start_processes(
-        _gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("gloo workers did not finish within 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_gloo_worker, str(tmp_path), nprocs=WORLD)
 
     ref = ReferenceRing(EmbeddingQueue(SIZE, DIM, generator=torch.Generator().manual_seed(5)).embeddings)
     for step in range(STEPS):
