@@ -22,6 +22,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -456,23 +457,9 @@ class KNNJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict[str, float]]:
-        from .distributed import DistEnv, backend_for, init_process_group
-        from .job import setup_logging
-        from .preemption import Preemption
+        from .job import run_task
 
-        preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
-        env = DistEnv.detect()
-        setup_logging(env)
-        directory = eval_dir(self.cfg, "knn")
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
-            return run_knn(self.cfg, env, preemption)
-        except SeedClusterError as e:
-            logger.error("%s", e)
-            raise
-        finally:
-            preemption.uninstall()
+        return run_task(eval_dir(self.cfg, "knn"), self.cfg.device, partial(run_knn, self.cfg))
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 after the ranks left: requeue the same job (config only)."""

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import submitit
 
@@ -28,6 +28,7 @@ from .errors import SeedClusterError
 from .preemption import Preemption
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -38,6 +39,25 @@ def setup_logging(env: DistEnv) -> None:
     logging.getLogger("submitit").propagate = False  # it has its own handler: print its lines once
 
 
+def run_task(directory: Path, device: str, work: Callable[[DistEnv, Preemption], T]) -> Optional[T]:
+    """What every job (training, precompute, kNN, linear) does on each of its tasks: keep signals from the
+    first moment, log with the rank, join the process group (rendezvous files under `directory`), run
+    `work(env, preemption)`, and return its result from global rank 0 (None elsewhere)."""
+    preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
+    env = DistEnv.detect()
+    setup_logging(env)
+    try:
+        init_process_group(env, Path(directory) / ".rendezvous", backend_for(device))
+        result = work(env, preemption)
+    except SeedClusterError as e:
+        # One line in the log, then fail the task: the user's input is wrong, retrying won't help.
+        logger.error("%s", e)
+        raise
+    finally:
+        preemption.uninstall()
+    return result if env.rank == 0 else None
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Training, or (mode=precompute) writing the teacher feature cache: both resume from what is on disk."""
 
@@ -45,26 +65,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict[str, float]]:
-        preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
+        return run_task(run_dir(self.cfg), self.cfg.device, self._work)
+
+    def _work(self, env: DistEnv, preemption: Preemption) -> dict[str, float]:
         from .precompute import precompute  # heavy imports (ffcv, timm) only inside the job
         from .trainer import Trainer, pick_device
 
-        env = DistEnv.detect()
-        setup_logging(env)
-        directory = run_dir(self.cfg)
-        try:
-            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
-            if self.cfg.mode == "precompute":
-                result = precompute(self.cfg, env, preemption, pick_device(self.cfg.device, env.local_rank))
-            else:
-                result = Trainer(self.cfg, env, preemption).train()
-        except SeedClusterError as e:
-            # One line in the log, then fail the task: the user's input is wrong, retrying won't help.
-            logger.error("%s", e)
-            raise
-        finally:
-            preemption.uninstall()
-        return result if env.rank == 0 else None
+        if self.cfg.mode == "precompute":
+            return precompute(self.cfg, env, preemption, pick_device(self.cfg.device, env.local_rank))
+        return Trainer(self.cfg, env, preemption).train()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on global rank 0 after the trainer's collective save: requeue the same job.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpointer
-from .errors import CheckpointError, ConfigError, SeedClusterError
+from .errors import CheckpointError, ConfigError
 from .eval_config import EvalConfig, LinearConfig, eval_hash
 from .evaluate import centre_batches, eval_dir, load_backbone, num_samples, results_dir, shard, source_data
 from .models import feature_width
@@ -268,24 +269,9 @@ class LinearJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Optional[dict]:
-        from .distributed import DistEnv, backend_for, init_process_group
-        from .job import setup_logging
-        from .preemption import Preemption
+        from .job import run_task
 
-        preemption = Preemption().install()
-        env = DistEnv.detect()
-        setup_logging(env)
-        directory = eval_dir(self.cfg, "linear")
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            init_process_group(env, directory / ".rendezvous", backend_for(self.cfg.device))
-            result = run_linear(self.cfg, env, preemption)
-        except SeedClusterError as e:
-            logger.error("%s", e)
-            raise
-        finally:
-            preemption.uninstall()
-        return result if env.rank == 0 else None
+        return run_task(eval_dir(self.cfg, "linear"), self.cfg.device, partial(run_linear, self.cfg))
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         logger.info("requeueing linear evaluation %s", eval_dir(self.cfg, "linear"))

@@ -70,10 +70,14 @@ def test_linear_eval_of_a_trained_student_beats_chance_by_far_and_resumes_exactl
     assert results["linear"]["top1"] == final["top1"] and results["run"]["student"] == "convnet_s"
     assert list((tmp_path / "lin" / "tensorboard").glob("events.out.tfevents.*"))
 
-    # Interrupted after epoch 2 (its last checkpoint lost): resuming gives the same epoch-3 result.
+    # Interrupted after epoch 2 (its last checkpoint lost): resuming as a user would, through the launcher
+    # (a local job), gives the same epoch-3 result.
     Checkpointer(tmp_path / "lin" / "checkpoints").paths()[-1].unlink()
-    again = run_linear(load_eval_config(common))
-    assert again["top1"] == final["top1"] and again["top5"] == final["top5"]
+    (tmp_path / "lin" / "linear_results.json").unlink()  # so that what is read below was written by the resume
+    resumed = run_launcher(*common, "cluster=local", "cluster.cpus_per_task=1", script="linear.py")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    again = json.loads((tmp_path / "lin" / "linear_results.json").read_text())["epochs"][-1]
+    assert again["epoch"] == 3 and again["top1"] == final["top1"] and again["top5"] == final["top5"]
 
 
 def _distil(root, run, arch: str) -> None:
