@@ -47,6 +47,7 @@ from ffcv_build.sources import (
     fashion_mnist_split,
     stratified_subset,
 )
+from seed_cluster.checkpoint import fsync_path
 from seed_cluster.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -148,10 +149,10 @@ def write_beton(source, out: str | os.PathLike, *, write_mode: str = "jpg", max_
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp_beton)
+        fsync_path(tmp_beton)
         os.replace(tmp_beton, out)
         os.replace(tmp_json, final_json)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         tmp_beton.unlink(missing_ok=True)
         tmp_json.unlink(missing_ok=True)
@@ -347,14 +348,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def format_report(out: str | os.PathLike, manifest: dict, max_listed: int = 20) -> str:

@@ -106,7 +106,7 @@ def atomic_write(final: Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -118,8 +118,9 @@ def remove_temporaries(directory: Path, pattern: str = "*") -> None:
         stale.unlink(missing_ok=True)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by name (a directory's, so that a rename in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
