@@ -141,7 +141,7 @@ def torchvision_loader(folder: Path, threads: int, two_views: bool):
     import torch
     from torchvision import datasets, transforms
 
-    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD
+    from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD
 
     one = transforms.Compose([
         transforms.RandomResizedCrop(224, scale=(0.2, 1.0)),
@@ -170,7 +170,7 @@ def ffcv_unseeded(beton: Path, threads: int):
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
-    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD
+    from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
     # NormalizeImage's CPU version is numba code on HWC arrays: it goes before ToTensor (after it,
@@ -200,8 +200,8 @@ def ffcv_unseeded_crop_only(beton: Path, threads: int):
 
 def seeded_geometric(beton: Path, threads: int):
     """The seeded path with the same geometric ops only: seeded crop in the decoder, seeded flip in torch."""
-    from seed_cluster.augment import get_recipe
     from seed_cluster.data import ViewSpec
+    from seed_cluster.recipes import get_recipe
 
     crop_flip = replace(get_recipe("mocov2"), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
     return ffcv_stream(beton, threads, [ViewSpec(crop_flip, 224)])
@@ -217,8 +217,9 @@ def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 
     """The torch part alone (flip + photometric ops), on one batch of crops decoded once (same thread count)."""
     import torch
 
-    from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, finish_view, get_recipe
+    from seed_cluster.augment import finish_view
     from seed_cluster.data import ViewSpec
+    from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD, get_recipe
 
     stream = ffcv_stream(beton, threads, [ViewSpec(recipe, size)])
     rows, _, indices = next(iter(stream.loader))

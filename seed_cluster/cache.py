@@ -4,7 +4,7 @@ SEED's student must see the very view the teacher embedded (DESIGN.md §6), so t
 stores views, not images. For sample i and view key k < K (`cache.views`) it holds the
 teacher's L2-normalised embedding of every view the method makes of an image (1 for SEED,
 global + small crops for seed_small_patch), each view being `augment`'s view with epoch key
-k. A run with the cache shows sample i, at epoch e, view key `augment.view_epochs(...)`
+k. A run with the cache shows sample i, at epoch e, view key `view_keys.view_epochs(...)`
 (every key once per K epochs): the student's input is regenerated bit for bit from that
 key, and the teacher's embedding is read instead of computed.
 

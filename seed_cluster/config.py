@@ -21,9 +21,7 @@ from omegaconf import MISSING
 
 from .errors import ConfigError
 from .online_knn_config import OnlineKNNConfig
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from .recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -130,8 +128,6 @@ class MethodConfig:
         _check(problems, self.small_crop_size >= 0,
                f"method.small_crop_size={self.small_crop_size} must be >= 0 (0 = scaled from data.resolution)")
         if self.name == "seed_small_patch":
-            from .augment import RECIPES  # torch-heavy: imported only when the recipes matter
-
             for key in ("global_recipe", "small_recipe"):
                 value = getattr(self, key)
                 _check(problems, value in RECIPES,
@@ -148,7 +144,7 @@ class DataConfig:
     val: Optional[str] = None
     """Labelled held-out .beton for evaluation (optional)."""
     recipe: str = "mocov2"
-    """Augmentation recipe (seed_cluster.augment.RECIPES)."""
+    """Augmentation recipe (seed_cluster.recipes.RECIPES)."""
     resolution: int = 224
     """Side of the augmented views fed to the networks."""
     batch_size_per_rank: int = 256
@@ -166,6 +162,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         problems: list[str] = []
         _check(problems, self.resolution > 0, f"data.resolution={self.resolution} must be positive")
+        _check(problems, self.recipe in RECIPES,
+               f"data.recipe={self.recipe!r} is not a recipe; use one of {', '.join(sorted(RECIPES))}")
         _check(problems, self.batch_size_per_rank > 0,
                f"data.batch_size_per_rank={self.batch_size_per_rank} must be positive")
         _check(problems, self.num_workers > 0, f"data.num_workers={self.num_workers} must be positive")

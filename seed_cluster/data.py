@@ -3,7 +3,7 @@
 FFCV's own random ops are not seeded (DESIGN.md §4). Here FFCV's decoder is
 `ffcv_ops.SeededCropDecoder`: it cuts every view's RandomResizedCrop box out of the
 whole image while decoding, the box a pure function of (seed, epoch, sample index, view)
-(`augment.pixel_boxes`), and resizes it to the view's side. The flip and the photometric
+(`view_keys.pixel_boxes`), and resizes it to the view's side. The flip and the photometric
 ops, keyed the same way, run batched on the device (`augment.finish_view`). The epoch
 order is a permutation keyed by (seed, epoch), split across ranks, so the stream is a pure
 function of its position (epoch, batches consumed): a loader can start anywhere in an
@@ -34,10 +34,12 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from .augment import Recipe, finish_view, get_recipe, normalize_images, view_epochs
+from .augment import finish_view, normalize_images
 from .config import DataConfig
 from .errors import DataError
 from .ffcv_ops import SeededCropDecoder
+from .recipes import Recipe, get_recipe
+from .view_keys import view_epochs
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -57,7 +59,7 @@ def check_dataset(path: str, key: str) -> dict:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view per image: an augmentation recipe (a name in `seed_cluster.augment.RECIPES`, or a Recipe)
+    """One view per image: an augmentation recipe (a name in `seed_cluster.recipes.RECIPES`, or a Recipe)
     and the view's side."""
 
     recipe: Union[str, Recipe]
@@ -183,7 +185,7 @@ class TrainStream:
                  cache: Optional["FeatureCache"] = None):
         """`num_views`: a count (that many views of data.recipe at data.resolution) or one ViewSpec per view
         (multi-crop methods expose theirs as `method.num_views`). `replayed_views` K > 0: each image shows one
-        of K fixed view keys per epoch (`augment.view_epochs`, cache.views); `cache`: read the teacher's
+        of K fixed view keys per epoch (`view_keys.view_epochs`, cache.views); `cache`: read the teacher's
         embedding of those views into `Batch.targets`. Raises DataError (one line, naming data.train) when
         the .beton is missing, truncated or not this project's format."""
         manifest = check_dataset(cfg.train, "data.train")

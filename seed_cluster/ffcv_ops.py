@@ -1,12 +1,12 @@
 """FFCV decoder operations that cut each view's seeded crop out of the whole image while decoding.
 
 `SeededCropDecoder` decodes an image once and writes every view of it: for view v, the box
-`augment.pixel_boxes` gives for key (seed, epoch, sample index, v) (RandomResizedCrop on the
+`view_keys.pixel_boxes` gives for key (seed, epoch, sample index, v) (RandomResizedCrop on the
 whole image, torchvision's semantics), resized to the view's side: with OpenCV's INTER_AREA
 (what FFCV's own RandomResizedCropRGBImageDecoder does) when the box is at least the view's
 side both ways, else bilinearly (`resize_bilinear`; INTER_AREA enlarges almost like nearest
 neighbour, which made small crops of small images blocky). The box is computed inside FFCV's
-compiled pipeline by the very numba function `augment.pixel_boxes` runs, so host and decoder
+compiled pipeline by the very numba function `view_keys.pixel_boxes` runs, so host and decoder
 agree bit for bit. Flip and photometric ops then run batched on the device
 (`augment.finish_view`), keyed the same way.
 
@@ -21,7 +21,7 @@ a one-element array of its own and the compiled code captures only that array's 
 loading the value through it at every batch: `set_epoch` changes the crops of the next batches
 without recompiling. Call it before iterating the loader for that epoch (FFCV's thread decodes
 batches ahead), never while an epoch's batches are still wanted. With `replayed_views` K > 0 the decoder turns the epoch into each sample's
-view key (`augment.view_epochs`, the feature cache's keys) inside the pipeline too.
+view key (`view_keys.view_epochs`, the feature cache's keys) inside the pipeline too.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .augment import Recipe, nb_key_state, nb_pixel_box, nb_view_epoch
+from .recipes import Recipe
+from .view_keys import nb_key_state, nb_pixel_box, nb_view_epoch
 
 MARGIN = 16
 """Pixels decoded around the union of an image's boxes (one 4:2:0 MCU)."""
@@ -113,7 +114,7 @@ class SeededCropDecoder(SimpleRGBImageDecoder):
 
     def __init__(self, views: Sequence[tuple[Recipe, int]], seed: int, replayed_views: int = 0):
         """`views`: (recipe, side) of each view, in view-index order. `replayed_views` K > 0: sample i at
-        epoch e uses view key `augment.view_epochs(seed, e, i, K)` instead of e."""
+        epoch e uses view key `view_keys.view_epochs(seed, e, i, K)` instead of e."""
         super().__init__()
         if not views:
             raise ValueError("SeededCropDecoder needs at least one view")

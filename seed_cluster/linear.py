@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 def linear_recipe(cfg: LinearConfig):
     """RandomResizedCrop(scale=cfg.crop_scale) + horizontal flip, no photometric change."""
-    from .augment import Recipe
+    from .recipes import Recipe
 
     return Recipe(scale=tuple(cfg.crop_scale), jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
 

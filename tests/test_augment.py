@@ -12,26 +12,18 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from seed_cluster.augment import (
+from seed_cluster.augment import _blur, _jitter_op, apply_view, augment, blur_kernel_size, center_view
+from seed_cluster.errors import ConfigError
+from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES, get_recipe
+from seed_cluster.view_keys import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RECIPES,
     SATURATION,
-    _blur,
-    _jitter_op,
-    apply_view,
-    augment,
-    blur_kernel_size,
-    center_view,
-    get_recipe,
     key_uniforms,
     pixel_boxes,
     sample_params,
 )
-from seed_cluster.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 NO_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -151,7 +143,7 @@ def test_crop_falls_back_to_torchvision_central_crop_when_no_try_fits():
 
 
 def test_the_numba_key_hash_the_decoder_runs_is_key_uniforms_and_view_epochs():
-    from seed_cluster.augment import nb_key_state, nb_slot_uniform, nb_view_epoch, view_epochs
+    from seed_cluster.view_keys import nb_key_state, nb_slot_uniform, nb_view_epoch, view_epochs
 
     indices = np.array([0, 1, 7, 999, 2**40 + 3])
     u = key_uniforms(2**64 - 5, 12, indices, 3)

@@ -90,6 +90,7 @@ def test_wrong_type_names_the_key_and_the_value():
     ("optim.precision=fp16", "optim.precision"),
     ("method.name=byol", "method.name"),
     ("data.resolution=0", "data.resolution"),
+    ("data.recipe=autoaugment", "data.recipe"),
     ("nodes=0", "nodes"),
     ("teacher.head=conv", "teacher.head"),
     ("cluster.backend=k8s", "cluster.backend"),

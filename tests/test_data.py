@@ -18,10 +18,12 @@ import torch
 from PIL import Image
 
 from ffcv_build import build_imagefolder
-from seed_cluster.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, finish_view, pixel_boxes, view_epochs
+from seed_cluster.augment import finish_view
 from seed_cluster.config import DataConfig
 from seed_cluster.data import TrainStream, ViewSpec, epoch_order, eval_batches
 from seed_cluster.errors import DataError
+from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES
+from seed_cluster.view_keys import pixel_boxes, view_epochs
 
 # numba's dispatcher finalizer raises a harmless KeyError when an FFCV Loader is garbage-collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

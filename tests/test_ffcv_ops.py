@@ -14,9 +14,10 @@ from ffcv.reader import Reader
 from PIL import Image
 
 from ffcv_build import build_imagefolder
-from seed_cluster.augment import RECIPES, pixel_boxes
 from seed_cluster.data import _pipelines
 from seed_cluster.ffcv_ops import FULL_DECODE_FRACTION, MARGIN, SeededCropDecoder
+from seed_cluster.recipes import RECIPES
+from seed_cluster.view_keys import pixel_boxes
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
