@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 NO_SIGNAL, TERMINATE, REQUEUE = 0, 1, 2
 """What the ranks agree on at a step boundary (larger wins in the all-reduce MAX)."""
+STALL_S = 3600.0
+"""How long `Preemption.wait_until` waits without any progress before it concludes that a rank died."""
 
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
@@ -114,15 +116,31 @@ class Preemption:
         self.requeue_or_exit(self.received, rank, -1, progress=progress)
 
     def wait_until(self, condition: Callable[[], bool], rank: int, progress: Callable[[], str],
-                   poll_s: float = 2.0) -> None:
-        """Poll `condition` (e.g. every rank's files are there) until true; a signal meanwhile: `leave`."""
+                   poll_s: float = 2.0, stall_s: float = STALL_S) -> None:
+        """Poll `condition` (e.g. every rank's files are there) until true; a signal meanwhile: `leave`.
+
+        Raises StalledError when `progress()` (e.g. "5/8 chunks done") has not changed for `stall_s`:
+        the rank being waited for has most likely died, and without a process group nothing else tells."""
+        last, since = progress(), time.monotonic()
         while not condition():
             if self.received != NO_SIGNAL:
                 self.leave(rank, progress())
+            now = progress()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                raise StalledError(
+                    f"no progress for {stall_s:.0f} s while waiting for the other ranks ({now}): one of them has "
+                    "most likely died (see its log); finished chunks are kept, so submitting the same command "
+                    "again resumes from them")
             time.sleep(poll_s)
 
     def lost_since_signal(self) -> Optional[float]:
         return None if self.received_at is None else time.time() - self.received_at
+
+
+class StalledError(SeedClusterError):
+    """Waiting for other ranks' files made no progress for `STALL_S` seconds."""
 
 
 class RequeueLoopError(SeedClusterError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,15 @@ import torch
 from seed_cluster.checkpoint import Checkpointer, load
 from seed_cluster.distributed import DistEnv
 from seed_cluster.launcher import load_config
-from seed_cluster.preemption import NO_SIGNAL, REQUEUE, TERMINATE, Preemption, RequeueLoopError, RestartGuard
+from seed_cluster.preemption import (
+    NO_SIGNAL,
+    REQUEUE,
+    TERMINATE,
+    Preemption,
+    RequeueLoopError,
+    RestartGuard,
+    StalledError,
+)
 
 USR2 = signal.SIGUSR2
 
@@ -89,6 +98,25 @@ def test_restart_guard_counts_consecutive_starts_from_one_step(tmp_path):
     guard = RestartGuard(tmp_path / "restarts.json")
     assert [guard.record(10), guard.record(10), guard.record(20), guard.record(20), guard.record(20)] == [1, 2, 1, 2, 3]
     assert json.loads((tmp_path / "restarts.json").read_text())["count"] == 3
+
+
+def test_waiting_for_ranks_that_make_no_progress_fails_with_one_line_instead_of_hanging():
+    with pytest.raises(StalledError) as info:
+        Preemption().wait_until(lambda: False, 0, lambda: "3/8 chunks done", poll_s=0.02, stall_s=0.2)
+    message = str(info.value)
+    assert "\n" not in message and "3/8 chunks done" in message and "submitting the same command" in message
+
+
+def test_waiting_goes_on_past_the_stall_time_while_other_ranks_make_progress():
+    polls = []
+
+    def progress():
+        polls.append(None)  # every poll sees one more chunk done
+        return f"{len(polls)} chunks done"
+
+    started = time.monotonic()
+    Preemption().wait_until(lambda: len(polls) >= 20, 0, progress, poll_s=0.02, stall_s=0.1)
+    assert time.monotonic() - started > 0.1  # longer than stall_s in all, but never that long without progress
 
 
 # -- the trainer, in this process ----------------------------------------------------------------------
