@@ -15,6 +15,7 @@ MobileNetV3-Large forward+backward ~3 x 0.22 GFLOPs, so the cache can save at mo
 
     python bench/teacher_cache.py                      # 224 px, batch 16, 8 timed steps each
     python bench/teacher_cache.py --resolution 128 --steps 20 --threads 2
+    python bench/teacher_cache.py --teacher-precision bf16       # fp32 student, bf16 teacher (AVX512-BF16 CPUs)
     python bench/teacher_cache.py --device cuda --precision bf16 --batch 256 --images 4096   # bench/gpu.sh
 """
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="optim.precision (autocast)")
+    parser.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="perf.teacher_precision (bf16: the live teacher and the precompute in bf16)")
     args = parser.parse_args()
 
     import torch
@@ -59,14 +62,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     build_fashion_mnist(work / "data", limit=args.images)
     device = torch.device(args.device)
-    base = ["cluster=local", f"device={args.device}", f"optim.precision={args.precision}", "data=fashion_mnist",
+    base = ["cluster=local", f"device={args.device}", f"optim.precision={args.precision}",
+            f"perf.teacher_precision={args.teacher_precision}", "data=fashion_mnist",
             f"data.train={work / 'data' / 'train.beton'}",
             "data.val=null", f"data.resolution={args.resolution}",
             f"data.batch_size_per_rank={args.batch}", "data.num_workers=1", f"student={args.student}",
             f"teacher={args.teacher}", "method=seed", "method.queue_size=4096", "knn.every_steps=0",
             f"cache.views={args.views}", "cache.dtype=fp16", f"output_dir={work / 'out'}",
             "logging.progress_bar=false", "optim.max_steps=100000"]
-    print(f"{args.student} <- {args.teacher} at {args.resolution} px, {args.device} {args.precision}, batch {args.batch}, "
+    print(f"{args.student} <- {args.teacher} at {args.resolution} px, {args.device} {args.precision} (teacher {args.teacher_precision}), batch {args.batch}, "
           f"{args.threads} threads, "
           f"{args.images} images x {args.views} views", flush=True)
 

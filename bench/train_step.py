@@ -3,6 +3,7 @@
 
     python bench/train_step.py [--students mobilenetv3_large_100 efficientnet_b0 resnet18] [--teacher resnet50]
                                [--resolutions 96 224] [--batch 32] [--iters 3] [--device cpu] [--precision fp32]
+                               [--teacher-precision bf16]
 
 For each student and resolution both steps start from the same weights (student, frozen teacher, a
 65536-entry queue) and run on the same random images, alternately (fast, straightforward, straightforward,
@@ -52,7 +53,7 @@ def build(args: argparse.Namespace, student_arch: str, device: torch.device):
     head, hidden = TEACHER_HEADS.get(args.teacher, ("mlp", 0))
     teacher = Encoder(args.teacher, DIM, head=head, hidden_dim=hidden, key="teacher.arch").to(device).eval()
     bf16 = args.precision == "bf16"
-    perf = PerfConfig(channels_last=not args.no_channels_last, teacher_precision=args.precision,
+    perf = PerfConfig(channels_last=not args.no_channels_last, teacher_precision=args.teacher_precision,
                       compile=args.compile)
     method = SEED(copy.deepcopy(student), FrozenTeacher(copy.deepcopy(teacher), fingerprint="bench"),
                   MethodConfig(queue_size=args.queue, dim=DIM)).to(device)
@@ -167,6 +168,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="student autocast and teacher precision of the fast step (the straightforward "
                              "step's student uses the same autocast; its teacher is always fp32)")
+    parser.add_argument("--teacher-precision", choices=["fp32", "bf16"],
+                        help="the fast step's teacher only (default: --precision); e.g. bf16 with an fp32 student "
+                             "on a CPU with AVX512-BF16 or AMX")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both")
@@ -174,11 +178,12 @@ def main() -> None:
     parser.add_argument("--max-batch", action="store_true", help="CUDA: largest batch for an 80 GB card")
     parser.add_argument("--results", type=Path, help="append the lines to this Markdown file")
     args = parser.parse_args()
+    args.teacher_precision = args.teacher_precision or args.precision
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     header = (f"{datetime.date.today()} {card}, torch {torch.__version__}: teacher {args.teacher}, batch {args.batch}, "
-              f"{args.precision}, queue {args.queue}, median of {args.iters} steps")
+              f"{args.precision} (fast step's teacher {args.teacher_precision}), queue {args.queue}, median of {args.iters} steps")
     print(header)
     peak = bf16_matmul_peak(device) if args.mfu else None
     if peak:
