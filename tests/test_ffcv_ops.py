@@ -142,7 +142,7 @@ def test_bilinear_enlargement_is_torchvisions_bilinear_resize_without_antialias(
 
     from seed_cluster.ffcv_ops import resize_bilinear
 
-    image = np.asarray(photo_like(40, 30, 1))
+    image = np.array(photo_like(40, 30, 1))  # a writable copy: torch.from_numpy warns on read-only arrays
     out = np.zeros((37, 37, 3), np.uint8)
     resize_bilinear(image, 5, 7, 20, 25, out)
     crop = torch.from_numpy(image[5:25, 7:32]).permute(2, 0, 1)[None].double()
