@@ -23,6 +23,7 @@ from typing import Optional
 
 from .config import run_dir
 from .errors import SeedClusterError
+from .job import quiet_numba_finalizers
 from .launcher import load_config
 from .launcher import main as launch
 
@@ -89,6 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--draws", type=int, default=5)
     args = parser.parse_args(argv)
+    quiet_numba_finalizers()
 
     data_dir, out = Path(args.data_dir).resolve(), Path(args.output_dir).resolve()
     common = [f"data.train={data_dir / 'train.beton'}", f"data.val={data_dir / 'test.beton'}",

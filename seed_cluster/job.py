@@ -39,6 +39,25 @@ def setup_logging(env: DistEnv) -> None:
     logging.getLogger("submitit").propagate = False  # it has its own handler: print its lines once
 
 
+def quiet_numba_finalizers() -> None:
+    """Drop the KeyError tracebacks numba's dispatcher finalizer prints when FFCV's compiled pipelines are
+    garbage-collected (numba's own cleanup, harmless; dozens per run, they read like failures). Every other
+    unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        in_numba = tb is not None and tb.tb_frame.f_code.co_filename.endswith(os.path.join("numba", "core",
+                                                                                            "dispatcher.py"))
+        if not (isinstance(unraisable.exc_value, KeyError) and in_numba):
+            previous(unraisable)
+
+    if getattr(previous, "__qualname__", "") != hook.__qualname__:  # once per process
+        sys.unraisablehook = hook
+
+
 def run_task(directory: Path, device: str, work: Callable[[DistEnv, Preemption], T]) -> Optional[T]:
     """What every job (training, precompute, kNN, linear) does on each of its tasks: keep signals from the
     first moment, log with the rank, join the process group (rendezvous files under `directory`), run
@@ -46,6 +65,7 @@ def run_task(directory: Path, device: str, work: Callable[[DistEnv, Preemption],
     preemption = Preemption().install()  # first: a signal during start-up is kept, not lost
     env = DistEnv.detect()
     setup_logging(env)
+    quiet_numba_finalizers()
     try:
         init_process_group(env, Path(directory) / ".rendezvous", backend_for(device))
         result = work(env, preemption)
