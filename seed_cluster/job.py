@@ -39,23 +39,31 @@ def setup_logging(env: DistEnv) -> None:
     logging.getLogger("submitit").propagate = False  # it has its own handler: print its lines once
 
 
+_NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
+
+
+def _is_numba_finalizer_error(unraisable) -> bool:
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(unraisable.exc_value, KeyError) and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith(_NUMBA_DISPATCHER))
+
+
 def quiet_numba_finalizers() -> None:
     """Drop the KeyError tracebacks numba's dispatcher finalizer prints when FFCV's compiled pipelines are
     garbage-collected (numba's own cleanup, harmless; dozens per run, they read like failures). Every other
-    unraisable exception still reaches the previous hook."""
+    unraisable exception still reaches the previous hook. Installing it again is a no-op."""
     previous = sys.unraisablehook
+    if getattr(previous, "drops_numba_finalizer_errors", False):
+        return
 
     def hook(unraisable) -> None:
-        tb = unraisable.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        in_numba = tb is not None and tb.tb_frame.f_code.co_filename.endswith(os.path.join("numba", "core",
-                                                                                            "dispatcher.py"))
-        if not (isinstance(unraisable.exc_value, KeyError) and in_numba):
+        if not _is_numba_finalizer_error(unraisable):
             previous(unraisable)
 
-    if getattr(previous, "__qualname__", "") != hook.__qualname__:  # once per process
-        sys.unraisablehook = hook
+    hook.drops_numba_finalizer_errors = True
+    sys.unraisablehook = hook
 
 
 def run_task(directory: Path, device: str, work: Callable[[DistEnv, Preemption], T]) -> Optional[T]:
@@ -67,7 +75,7 @@ def run_task(directory: Path, device: str, work: Callable[[DistEnv, Preemption],
     setup_logging(env)
     quiet_numba_finalizers()
     try:
-        init_process_group(env, Path(directory) / ".rendezvous", backend_for(device))
+        init_process_group(env, directory / ".rendezvous", backend_for(device))
         result = work(env, preemption)
     except SeedClusterError as e:
         # One line in the log, then fail the task: the user's input is wrong, retrying won't help.
