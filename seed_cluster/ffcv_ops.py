@@ -10,10 +10,11 @@ compiled pipeline by the very numba function `view_keys.pixel_boxes` runs, so ho
 agree bit for bit. Flip and photometric ops then run batched on the device
 (`augment.finish_view`), keyed the same way.
 
-JPEGs are decoded only over the region the views need: the union of the boxes grown by a
-margin of `MARGIN` pixels and aligned to JPEG MCU blocks (turbojpeg's lossless crop). The
-margin keeps chroma upsampling at the region's edge away from the boxes, so a view's pixels
-are those of a full decode (tests check this), whatever the other views of the image are.
+Each JPEG is decoded whole, once, whatever its number of views. Decoding only the union of the
+boxes costs more, not less: FFCV's region decode is a lossless crop (turbojpeg re-encodes the
+region) followed by a decode, 1.05-2.6x a whole decode for regions of 20-90% of the image and
+0.8-0.9x only below 10% (`python bench/jpeg_region.py`), where SEED's boxes and their union cover
+14-100% of it (5-14% for a lone swav_small view).
 
 The epoch. numba freezes a NumPy array captured by a compiled function into a compile-time
 constant (DESIGN.md §4), and FFCV compiles its pipeline once. So the decoder keeps the epoch in
@@ -42,13 +43,6 @@ from numba.extending import intrinsic
 
 from .recipes import Recipe
 from .view_keys import nb_key_state, nb_pixel_box, nb_view_epoch
-
-MARGIN = 16
-"""Pixels decoded around the union of an image's boxes (one 4:2:0 MCU)."""
-MCU = 16
-"""Region offsets are multiples of this (the MCU of 4:2:0, 4:2:2 and 4:4:4 JPEGs alike)."""
-FULL_DECODE_FRACTION = 0.75
-"""A region covering more of the image than this is decoded whole (the lossless crop would cost more)."""
 
 
 @intrinsic
@@ -159,7 +153,6 @@ class SeededCropDecoder(SimpleRGBImageDecoder):
         seed = np.uint64(self.seed % 2**64)
         replayed = self.replayed_views
         epoch_address = self._epoch.ctypes.data  # an int: frozen, but what it points to is not
-        margin, mcu, full_fraction = MARGIN, MCU, FULL_DECODE_FRACTION
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -171,40 +164,21 @@ class SeededCropDecoder(SimpleRGBImageDecoder):
                 height = np.int64(field["height"])
                 width = np.int64(field["width"])
                 key = nb_view_epoch(seed, epoch, np.uint64(source_ix), replayed) if replayed > 0 else epoch
-                boxes = np.empty((num_views, 4), dtype=np.int64)
-                y0, x0, y1, x1 = height, width, np.int64(0), np.int64(0)
+                if field["mode"] == jpg:
+                    image = temp_storage[dst_ix].reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                row = destination[dst_ix]
                 for v in range(num_views):
                     state = nb_key_state(seed, np.uint64(key), np.uint64(source_ix), np.uint64(v))
                     top, left, h, w = nb_pixel_box(state, height, width, params[v, 0], params[v, 1],
                                                    params[v, 2], params[v, 3])
-                    boxes[v, 0], boxes[v, 1], boxes[v, 2], boxes[v, 3] = top, left, h, w
-                    y0, x0 = min(y0, top), min(x0, left)
-                    y1, x1 = max(y1, top + h), max(x1, left + w)
-                if field["mode"] == jpg:
-                    # The region to decode: the boxes' union plus a margin, its corner on the MCU grid.
-                    y0 = max(np.int64(0), y0 - margin) // mcu * mcu
-                    x0 = max(np.int64(0), x0 - margin) // mcu * mcu
-                    y1, x1 = min(height, y1 + margin), min(width, x1 + margin)
-                    temp = temp_storage[dst_ix]
-                    ok = False
-                    if (y1 - y0) * (x1 - x0) < full_fraction * height * width:
-                        ok = imdecode_c(image_data, temp, height, width, y1 - y0, x1 - x0, x0, y0, 1, 1,
-                                        True, False) == 0
-                    if not ok:  # decode the whole image (also when the lossless crop was refused)
-                        y0, x0, y1, x1 = np.int64(0), np.int64(0), height, width
-                        imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = temp.reshape(-1)[:3 * (y1 - y0) * (x1 - x0)].reshape(y1 - y0, x1 - x0, 3)
-                else:
-                    y0, x0 = np.int64(0), np.int64(0)
-                    image = image_data.reshape(height, width, 3)
-                row = destination[dst_ix]
-                for v in range(num_views):
-                    top, left = boxes[v, 0] - y0, boxes[v, 1] - x0
                     out = row[offsets[v]:offsets[v + 1]].reshape(sizes[v], sizes[v], 3)
-                    if boxes[v, 2] < sizes[v] or boxes[v, 3] < sizes[v]:
-                        resize_bilinear(image, top, left, boxes[v, 2], boxes[v, 3], out)
+                    if h < sizes[v] or w < sizes[v]:
+                        resize_bilinear(image, top, left, h, w, out)
                     else:
-                        resize_crop_c(image, top, top + boxes[v, 2], left, left + boxes[v, 3], out)
+                        resize_crop_c(image, top, top + h, left, left + w, out)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -15,15 +15,15 @@ from PIL import Image
 
 from ffcv_build import build_imagefolder
 from seed_cluster.data import _pipelines
-from seed_cluster.ffcv_ops import FULL_DECODE_FRACTION, MARGIN, SeededCropDecoder
+from seed_cluster.ffcv_ops import SeededCropDecoder
 from seed_cluster.recipes import RECIPES
 from seed_cluster.view_keys import pixel_boxes
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 SIZES = [(300, 200), (180, 320), (256, 256), (400, 300), (220, 240), (333, 251), (97, 130), (512, 384)]
-# One global and two small views: small boxes make the decoder take its partial (region) decode, and the
-# 64 px one is often enlarged (bilinear) while the others shrink (INTER_AREA).
+# One global and two small views: the 64 px one is often enlarged (bilinear) while the others shrink
+# (INTER_AREA).
 VIEWS = [(RECIPES["swav_global"], 48), (RECIPES["swav_small"], 24), (RECIPES["swav_small"], 64)]
 
 
@@ -106,16 +106,6 @@ def test_crops_are_augments_pixel_boxes_of_the_whole_decoded_image_resized(jpeg_
         assert_crops_match(decoder.split_views(rows)[v], images, 4, 3, v)
         enlarged.append(expected_crops(images, 4, 3, v)[1])
     assert np.concatenate(enlarged).any() and not np.concatenate(enlarged).all()  # both resize paths ran
-    # The comparison above covered the region (partial) decode: check that several images took that path.
-    boxes = np.stack([pixel_boxes(4, 3, np.arange(len(images)), v, VIEWS[v][0],
-                                  [im.shape[0] for im in images], [im.shape[1] for im in images])
-                      for v in range(len(VIEWS))])  # [V, N, 4]
-    top, left = boxes[..., 0].min(0) - MARGIN, boxes[..., 1].min(0) - MARGIN
-    bottom, right = (boxes[..., 0] + boxes[..., 2]).max(0) + MARGIN, (boxes[..., 1] + boxes[..., 3]).max(0) + MARGIN
-    areas = np.array([im.shape[0] * im.shape[1] for im in images])
-    region = (np.minimum(bottom, [im.shape[0] for im in images]) - np.maximum(top, 0)) * \
-        (np.minimum(right, [im.shape[1] for im in images]) - np.maximum(left, 0))
-    assert (region < FULL_DECODE_FRACTION * areas).sum() >= 4
 
 
 def test_set_epoch_reaches_the_compiled_pipeline_and_epochs_replay(jpeg_beton):
