@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from seed_cluster.augment import _blur, _jitter_op, apply_view, augment, blur_kernel_size, center_view
+from seed_cluster.augment import (
+    _blur,
+    _jitter_op,
+    apply_view,
+    augment,
+    blur_kernel_size,
+    center_view,
+    to_float,
+)
 from seed_cluster.errors import ConfigError
 from seed_cluster.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES, get_recipe
 from seed_cluster.view_keys import (
@@ -242,6 +250,20 @@ def test_flip_mirrors_the_crop():
     assert 0 < params.flip.sum() < 64
     for i in range(64):
         assert torch.equal(out[i], plain[i].flip(-1) if params.flip[i] else plain[i])
+
+
+@pytest.mark.parametrize("flip", ["none", "some", "all"])
+def test_to_float_flips_on_the_uint8_pixels_exactly_as_flipping_the_floats(flip):
+    images = make_images(12, 20)
+    mask = {"none": np.zeros(12, bool), "some": np.arange(12) % 3 == 1, "all": np.ones(12, bool)}[flip]
+    before = images.clone()
+    out = to_float(images, mask)
+    assert torch.equal(images, before)  # the decoder's buffer is read, never written
+    plain = images.permute(0, 3, 1, 2).float() / 255.0
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (12, 3, 20, 20)
+    for i in range(12):
+        assert torch.equal(out[i], plain[i].flip(-1) if mask[i] else plain[i])
+    assert torch.equal(to_float(images), plain)  # no mask, no flip
 
 
 def test_mocov1_grayscale_comes_before_jitter_so_gray_views_stay_gray():
