@@ -10,6 +10,10 @@ longer side and saved as JPEG quality 90 in an ImageFolder tree; the .beton is b
 that tree with `ffcv_build` (JPEG, max side 512). Every pipeline runs on the same cores
 with the same thread / worker count and batch size; figures are images/s from ONE run
 (no timing claims are tested: others share this machine, so expect noise of 10-20%).
+Pipelines that a ratio compares are timed in one group, taking turns in interleaved rounds
+(`--rounds`), so the machine's drift hits both sides alike; each ratio is printed with the
+median and range of its per-round ratios. Each turn starts after a pause and a few untimed
+batches, so no pipeline is timed on batches it prefetched during another's turn.
 
 Pipelines (all end in normalised float32 [B, 3, 224, 224] tensors):
 - ffcv seed (1 view), ffcv mocov2 (2 views): `seed_cluster.data.TrainStream` on this CPU,
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -107,19 +112,43 @@ def build_beton(folder: Path) -> Path:
 # --- timing ----------------------------------------------------------------------------------------
 
 
-def timed(batches, num_batches: int, warmup: int = 2) -> float:
-    """Images/s over `num_batches` batches after `warmup` (compilation, worker start-up, page cache)."""
-    it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    start, images = time.perf_counter(), 0
-    for _ in range(num_batches):
-        batch = next(it)
-        if isinstance(batch, (tuple, list)):  # (images or views, labels, ...) or (images,)
-            images += len(batch[1] if len(batch) > 1 else batch[0])
-        else:  # a TrainStream Batch
-            images += len(batch.indices)
-    return images / (time.perf_counter() - start)
+def batch_size(batch) -> int:
+    if isinstance(batch, (tuple, list)):  # (images or views, labels, ...) or (images,)
+        return len(batch[1] if len(batch) > 1 else batch[0])
+    return len(batch.indices)  # a TrainStream Batch
+
+
+SETTLE_S = 3.0
+"""Pause before each turn: the pipeline timed last refills its prefetch buffers alone, not during the next turn."""
+DRAIN = 5
+"""Untimed batches at the start of each turn: FFCV keeps 3 batches ahead and torchvision 2 per worker; a turn's
+first batches were decoded during the others' turns, so timing them would flatter whoever buffers most."""
+
+
+def timed_group(makers: dict, num_batches: int, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Time the pipelines of one group in `rounds` rounds of num_batches // rounds batches each, taking
+    turns within a round (the order reversed every other round), so the machine's drift hits them alike.
+    Returns {name: images/s over all rounds} and {name: [images/s of each round]}."""
+    iterators = {}
+    for name, make in makers.items():
+        iterators[name] = iter(make())
+        for _ in range(warmup):  # compilation, worker start-up, page cache
+            next(iterators[name])
+    per_round = max(1, num_batches // rounds)
+    images, seconds, rates = {n: 0 for n in makers}, {n: 0.0 for n in makers}, {n: [] for n in makers}
+    for r in range(rounds):
+        for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+            time.sleep(SETTLE_S)
+            for _ in range(DRAIN):
+                next(iterators[name])
+            start, count = time.perf_counter(), 0
+            for _ in range(per_round):
+                count += batch_size(next(iterators[name]))
+            elapsed = time.perf_counter() - start
+            images[name] += count
+            seconds[name] += elapsed
+            rates[name].append(count / elapsed)
+    return {n: images[n] / seconds[n] for n in makers}, rates
 
 
 def data_cfg(beton: Path, threads: int):
@@ -154,8 +183,9 @@ def torchvision_loader(folder: Path, threads: int, two_views: bool):
     ])
     transform = (lambda img: (one(img), one(img))) if two_views else one
     dataset = datasets.ImageFolder(str(folder), transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=threads,
-                                       drop_last=True, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=threads,
+                                         drop_last=True, persistent_workers=True)
+    return endless(lambda: loader)
 
 
 def endless(make):
@@ -243,9 +273,12 @@ def main(argv=None) -> None:
                         help="FFCV threads = torchvision DataLoader workers (default: all CPUs of this process)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/seed-cluster-bench"))
     parser.add_argument("--only", nargs="*", default=None, help="run only these pipelines (names as printed)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per group (default 3, quick 2): ratios come with their spread")
     args = parser.parse_args(argv)
     count = args.images or (600 if args.quick else 2000)
     timed_batches = 6 if args.quick else (count // BATCH) - 2
+    args.rounds = args.rounds or (2 if args.quick else 3)
     threads = args.threads
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -272,20 +305,33 @@ def main(argv=None) -> None:
         "torch flip+photometric only, mocov2 224": lambda: augment_only(beton, threads),
         "torch flip+photometric only, swav_small 96": lambda: augment_only(beton, threads, "swav_small", 96),
     }
-    results = {}
-    for name, make in pipelines.items():
-        if args.only and name not in args.only:
+    # Pipelines compared by a ratio below are timed in one group, in turns.
+    groups = [["torchvision 1 view", "ffcv seed 1 view", "ffcv decode+crop only, 1 view",
+               "ffcv unseeded crop only (decoder)"],
+              ["torchvision mocov2 2 views", "ffcv mocov2 2 views", "ffcv decode+crop only, 2 views",
+               "ffcv small patch 1+6"],
+              ["ffcv unseeded crop+flip", "ffcv seeded crop+flip"],
+              ["torch flip+photometric only, mocov2 224", "torch flip+photometric only, swav_small 96"]]
+    results, rounds = {}, {}
+    for group in groups:
+        makers = {name: pipelines[name] for name in group if not args.only or name in args.only}
+        if not makers:
             continue
-        rate = timed(make(), timed_batches)
-        gc.collect()  # stop the previous pipeline's workers / prefetch threads before the next one
-        results[name] = rate
-        print(f"  {name:42s} {rate:8.0f} img/s  {rate / threads:7.0f} img/s per thread", flush=True)
+        rates, per_round = timed_group(makers, timed_batches, args.rounds)
+        gc.collect()  # stop this group's workers / prefetch threads before the next group
+        results.update(rates)
+        rounds.update(per_round)
+        for name, rate in rates.items():
+            print(f"  {name:42s} {rate:8.0f} img/s  {rate / threads:7.0f} img/s per thread", flush=True)
 
     def ratio(a: str, b: str, goal: str = "") -> None:
         if a in results and b in results:
-            print(f"  {a} / {b}: {results[a] / results[b]:.2f}x {goal}")
+            each = sorted(x / y for x, y in zip(rounds[a], rounds[b], strict=True))
+            spread = f" (rounds: median {statistics.median(each):.2f}x, {each[0]:.2f}-{each[-1]:.2f})" \
+                if len(each) > 1 else ""
+            print(f"  {a} / {b}: {results[a] / results[b]:.2f}x{spread} {goal}")
 
-    print("ratios (one run):")
+    print(f"ratios (one run, {args.rounds} interleaved rounds):")
     ratio("ffcv seed 1 view", "torchvision 1 view", "(goal >= 3x)")
     ratio("ffcv mocov2 2 views", "torchvision mocov2 2 views", "(goal >= 3x)")
     ratio("ffcv seeded crop+flip", "ffcv unseeded crop+flip", "(goal >= 0.85x)")
