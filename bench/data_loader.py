@@ -2,6 +2,7 @@
 
     python bench/data_loader.py            # 2000 images, whole epochs (about 10 minutes on 2 cores)
     python bench/data_loader.py --quick    # 600 images, a few batches per pipeline (a few minutes)
+    python bench/data_loader.py --device cuda   # on a GPU node: flip + photometric ops on the GPU
 
 The images are real photographs that ship with scikit-image and scikit-learn (astronaut,
 coffee, rocket, chelsea, retina, hubble, textures, ...; `pip install -e .[dev]`), cut into
@@ -19,7 +20,7 @@ Pipelines (all end in normalised float32 [B, 3, 224, 224] tensors):
 - ffcv seed (1 view), ffcv mocov2 (2 views): `seed_cluster.data.TrainStream` on this CPU,
   i.e. FFCV's SeededCropDecoder decodes each JPEG once and cuts the seeded crops of the
   whole image at 224, then the seeded flip + photometric ops run in torch on the same
-  cores (on a GPU node they run on the GPU instead).
+  cores (with --device cuda, on the GPU instead, as in training on a GPU node).
 - torchvision: ImageFolder + DataLoader(num_workers=threads), PIL ops of the same recipe
   (RandomResizedCrop 0.2-1, ColorJitter .4/.4/.4/.1 p .8, grayscale p .2, blur p .5, flip).
 - geometric ops only: FFCV's own unseeded RandomResizedCropRGBImageDecoder +
@@ -125,10 +126,11 @@ DRAIN = 5
 first batches were decoded during the others' turns, so timing them would flatter whoever buffers most."""
 
 
-def timed_group(makers: dict, num_batches: int, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
+def timed_group(makers: dict, num_batches: int, rounds: int, sync, warmup: int = 2) -> tuple[dict, dict]:
     """Time the pipelines of one group in `rounds` rounds of num_batches // rounds batches each, taking
     turns within a round (the order reversed every other round), so the machine's drift hits them alike.
-    Returns {name: images/s over all rounds} and {name: [images/s of each round]}."""
+    `sync()` waits for the device's queued work (CUDA runs it asynchronously). Returns {name: images/s over
+    all rounds} and {name: [images/s of each round]}."""
     iterators = {}
     for name, make in makers.items():
         iterators[name] = iter(make())
@@ -144,6 +146,7 @@ def timed_group(makers: dict, num_batches: int, rounds: int, warmup: int = 2) ->
             start, count = time.perf_counter(), 0
             for _ in range(per_round):
                 count += batch_size(next(iterators[name]))
+            sync()
             elapsed = time.perf_counter() - start
             images[name] += count
             seconds[name] += elapsed
@@ -157,13 +160,13 @@ def data_cfg(beton: Path, threads: int):
     return DataConfig(train=str(beton), resolution=224, batch_size_per_rank=BATCH, num_workers=threads)
 
 
-def ffcv_stream(beton: Path, threads: int, num_views):
+def ffcv_stream(beton: Path, threads: int, num_views, device: str = "cpu"):
     import torch
 
     from seed_cluster.data import TrainStream
 
     return TrainStream(data_cfg(beton, threads), seed=0, rank=0, world_size=1, num_views=num_views,
-                       device=torch.device("cpu"))
+                       device=torch.device(device))
 
 
 def torchvision_loader(folder: Path, threads: int, two_views: bool):
@@ -228,13 +231,13 @@ def ffcv_unseeded_crop_only(beton: Path, threads: int):
     return endless(lambda: loader)
 
 
-def seeded_geometric(beton: Path, threads: int):
+def seeded_geometric(beton: Path, threads: int, device: str = "cpu"):
     """The seeded path with the same geometric ops only: seeded crop in the decoder, seeded flip in torch."""
     from seed_cluster.data import ViewSpec
     from seed_cluster.recipes import get_recipe
 
     crop_flip = replace(get_recipe("mocov2"), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
-    return ffcv_stream(beton, threads, [ViewSpec(crop_flip, 224)])
+    return ffcv_stream(beton, threads, [ViewSpec(crop_flip, 224)], device)
 
 
 def decode_only(beton: Path, threads: int, num_views=1):
@@ -243,7 +246,7 @@ def decode_only(beton: Path, threads: int, num_views=1):
     return endless(lambda: stream.loader)
 
 
-def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 224):
+def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 224, device: str = "cpu"):
     """The torch part alone (flip + photometric ops), on one batch of crops decoded once (same thread count)."""
     import torch
 
@@ -253,7 +256,7 @@ def augment_only(beton: Path, threads: int, recipe: str = "mocov2", size: int = 
 
     stream = ffcv_stream(beton, threads, [ViewSpec(recipe, size)])
     rows, _, indices = next(iter(stream.loader))
-    (crops,), indices = stream.decoder.split_views(rows.clone()), indices.clone()
+    (crops,), indices = stream.decoder.split_views(rows.clone().to(device)), indices.clone()
     torch.set_num_threads(threads)
 
     def batches():
@@ -272,6 +275,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="FFCV threads = torchvision DataLoader workers (default: all CPUs of this process)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/seed-cluster-bench"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the seeded flip + photometric ops run (cuda: the CPU only decodes and crops)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these pipelines (names as printed)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds per group (default 3, quick 2): ratios come with their spread")
@@ -290,20 +295,31 @@ def main(argv=None) -> None:
 
     from seed_cluster.data import ViewSpec
 
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("bench/data_loader.py --device cuda: no CUDA device is visible; run it on a GPU node")
+        sync = torch.cuda.synchronize
+    else:
+        def sync() -> None:
+            pass
     small_patch = [ViewSpec("swav_global", 224)] + [ViewSpec("swav_small", 96)] * 6
     pipelines = {
         "torchvision 1 view": lambda: torchvision_loader(folder, threads, False),
-        "ffcv seed 1 view": lambda: ffcv_stream(beton, threads, 1),
+        "ffcv seed 1 view": lambda: ffcv_stream(beton, threads, 1, device),
         "torchvision mocov2 2 views": lambda: torchvision_loader(folder, threads, True),
-        "ffcv mocov2 2 views": lambda: ffcv_stream(beton, threads, 2),
+        "ffcv mocov2 2 views": lambda: ffcv_stream(beton, threads, 2, device),
         "ffcv unseeded crop+flip": lambda: ffcv_unseeded(beton, threads),
-        "ffcv seeded crop+flip": lambda: seeded_geometric(beton, threads),
-        "ffcv small patch 1+6": lambda: ffcv_stream(beton, threads, small_patch),
+        "ffcv seeded crop+flip": lambda: seeded_geometric(beton, threads, device),
+        "ffcv small patch 1+6": lambda: ffcv_stream(beton, threads, small_patch, device),
         "ffcv unseeded crop only (decoder)": lambda: ffcv_unseeded_crop_only(beton, threads),
         "ffcv decode+crop only, 1 view": lambda: decode_only(beton, threads),
         "ffcv decode+crop only, 2 views": lambda: decode_only(beton, threads, 2),
-        "torch flip+photometric only, mocov2 224": lambda: augment_only(beton, threads),
-        "torch flip+photometric only, swav_small 96": lambda: augment_only(beton, threads, "swav_small", 96),
+        "torch flip+photometric only, mocov2 224": lambda: augment_only(beton, threads, device=device),
+        "torch flip+photometric only, swav_small 96": lambda: augment_only(beton, threads, "swav_small", 96,
+                                                                            device=device),
     }
     # Pipelines compared by a ratio below are timed in one group, in turns.
     groups = [["torchvision 1 view", "ffcv seed 1 view", "ffcv decode+crop only, 1 view",
@@ -317,7 +333,7 @@ def main(argv=None) -> None:
         makers = {name: pipelines[name] for name in group if not args.only or name in args.only}
         if not makers:
             continue
-        rates, per_round = timed_group(makers, timed_batches, args.rounds)
+        rates, per_round = timed_group(makers, timed_batches, args.rounds, sync)
         gc.collect()  # stop this group's workers / prefetch threads before the next group
         results.update(rates)
         rounds.update(per_round)

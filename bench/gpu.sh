@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one-shot GPU measurement of issue #8, prepared to run once on a lent GPU (a few minutes on an H100/H200):
+# The one-shot GPU measurements of issues #8, #7 and #3, prepared to run once on a lent GPU (a few minutes
+# each on an H100/H200; the loader bench builds its 2000 JPEGs first, about a minute):
 #
 #     bash bench/gpu.sh            # appends its lines to bench/RESULTS.md (RESULTS=FILE to choose another)
 #
@@ -19,4 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" bench/train_step.py --students efficientnet_b0 --teacher swav_resnet50w2 "${common[@]}"
 # Issue #7's GPU figure: SEED steps from the teacher feature cache vs the live bf16 teacher.
 "$PYTHON" bench/teacher_cache.py --device cuda --precision bf16 --batch 256 --images 4096 --steps 10 | tee -a "$RESULTS"
+# Issue #3's GPU half: the loader with the seeded flip + photometric ops on the GPU vs torchvision on the same
+# CPU threads (set THREADS to the CPU cores a GPU gets on the cluster; default: all of this machine's).
+"$PYTHON" bench/data_loader.py --device cuda ${THREADS:+--threads "$THREADS"} | grep -v "^scan\|^writing" | tee -a "$RESULTS"
 echo "appended to $RESULTS"
