@@ -284,6 +284,12 @@ def main(argv=None) -> None:
     count = args.images or (600 if args.quick else 2000)
     timed_batches = 6 if args.quick else (count // BATCH) - 2
     args.rounds = args.rounds or (2 if args.quick else 3)
+    import torch
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():  # before the minutes of preparing the JPEGs
+        sys.exit("bench/data_loader.py --device cuda: no CUDA device is visible; run it on a GPU node")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     threads = args.threads
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -295,16 +301,6 @@ def main(argv=None) -> None:
 
     from seed_cluster.data import ViewSpec
 
-    device = args.device
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("bench/data_loader.py --device cuda: no CUDA device is visible; run it on a GPU node")
-        sync = torch.cuda.synchronize
-    else:
-        def sync() -> None:
-            pass
     small_patch = [ViewSpec("swav_global", 224)] + [ViewSpec("swav_small", 96)] * 6
     pipelines = {
         "torchvision 1 view": lambda: torchvision_loader(folder, threads, False),

@@ -22,5 +22,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" bench/teacher_cache.py --device cuda --precision bf16 --batch 256 --images 4096 --steps 10 | tee -a "$RESULTS"
 # Issue #3's GPU half: the loader with the seeded flip + photometric ops on the GPU vs torchvision on the same
 # CPU threads (set THREADS to the CPU cores a GPU gets on the cluster; default: all of this machine's).
-"$PYTHON" bench/data_loader.py --device cuda ${THREADS:+--threads "$THREADS"} | grep -v "^scan\|^writing" | tee -a "$RESULTS"
+"$PYTHON" bench/data_loader.py --device cuda ${THREADS:+--threads "$THREADS"} | tee -a "$RESULTS"
 echo "appended to $RESULTS"
