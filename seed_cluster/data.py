@@ -22,14 +22,17 @@ batch shape on every rank; evaluation reads every sample once, in file order.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
@@ -45,6 +48,25 @@ if TYPE_CHECKING:
     from .cache import FeatureCache
 
 logger = logging.getLogger(__name__)
+
+
+def _set_loader_threads(compiler: type, n: int) -> None:
+    """FFCV's `Compiler.set_num_threads`, less its `torch.set_num_threads(n)`: FFCV calls it with 1 when it is
+    imported and with `data.num_workers` from its loader thread at every epoch, which changes torch's intra-op
+    thread count for the whole process and silently ran every CPU step on that many threads, whatever
+    cluster.cpus_per_task (OMP_NUM_THREADS) said. numba's count is all FFCV's pipeline needs."""
+    compiler.num_threads = n if n >= 1 else os.cpu_count() or 1
+    numba.set_num_threads(compiler.num_threads)
+
+
+def _torch_threads_default() -> int:
+    """What torch would run on had FFCV not set it: OMP_NUM_THREADS, else the CPUs this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+Compiler.set_num_threads = classmethod(_set_loader_threads)
+torch.set_num_threads(_torch_threads_default())  # undo what FFCV's import did
 
 
 def check_dataset(path: str, key: str) -> dict:

@@ -160,6 +160,31 @@ def dump_views(data: Path, out: Path, *, rank: int, world_size: int, workers: in
     return torch.load(out)
 
 
+_THREADS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import ffcv  # FFCV's own import sets torch's thread count to 1
+from test_data import stream
+from pathlib import Path
+seen = [torch.get_num_threads()]
+torch.set_num_threads(3)
+s = stream(Path({data!r}), num_workers=1, batch_size_per_rank=500)
+for _, batch in zip(range(6), s):  # 4 batches per epoch: FFCV's loader thread starts 2 epochs
+    seen.append(torch.get_num_threads())
+print(seen, s.epoch)
+"""
+
+
+def test_ffcv_leaves_torchs_thread_count_to_omp_num_threads_and_the_user(fmnist_small):
+    """FFCV's Compiler.set_num_threads also sets torch's thread count (1 at import, data.num_workers at every
+    epoch): importing seed_cluster.data restores OMP_NUM_THREADS and stops it from happening again."""
+    code = _THREADS.format(tests=str(Path(__file__).parent), data=str(fmnist_small))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "[2, 3, 3, 3, 3, 3, 3] 1"
+
+
 def test_same_key_gives_the_same_views_in_other_processes_thread_counts_world_sizes_and_batches(
         fmnist_small, tmp_path):
     a = dump_views(fmnist_small, tmp_path / "a.pt", rank=0, world_size=1, workers=1)
