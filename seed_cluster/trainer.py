@@ -320,4 +320,6 @@ class Trainer:
         logger.info("training %s: %d samples, %d steps per epoch, %d steps, global batch %d, lr %.4g",
                     self.cfg.method.name, self.data.num_samples, d.steps_per_epoch, d.total_steps,
                     d.global_batch, d.lr)
+        logger.info("threads per rank: torch %d, FFCV %d (cluster.cpus_per_task, data.num_workers)",
+                    torch.get_num_threads(), self.cfg.data.num_workers)
         logger.info("watch it: tensorboard --logdir %s", (self.run_dir / "tensorboard").resolve())

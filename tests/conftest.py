@@ -27,9 +27,9 @@ def fmnist_small(tmp_path_factory) -> Path:
     return out
 
 
-def run_launcher(*overrides: str, script: str = "slurm.py", timeout: int = 600):
+def run_launcher(*overrides: str, script: str = "slurm.py", timeout: int = 600, env: dict | None = None):
     """Run `python launch/<script> ...` (training by default) as a user would; returns the CompletedProcess."""
     import subprocess
 
     return subprocess.run([sys.executable, str(ROOT / "launch" / script), *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)

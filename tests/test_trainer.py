@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,15 @@ def test_resume_auto_continues_from_the_latest_checkpoint_bitwise(fmnist_small, 
     assert b["train_state"]["restarts"] == 1
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_each_rank_runs_torch_on_cluster_cpus_per_task_threads_despite_ffcv(fmnist_small, tmp_path):
+    """The launcher exports cluster.cpus_per_task as OMP_NUM_THREADS; FFCV's loader used to reset torch to
+    data.num_workers threads (1 here), so the rank logged 'torch 1'."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = run_launcher(*tiny_run(fmnist_small, tmp_path, "optim.max_steps=2"), "cluster.cpus_per_task=2", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "threads per rank: torch 2, FFCV 1 (cluster.cpus_per_task, data.num_workers)" in result.stdout
 
 
 def test_nan_loss_fails_with_one_line_and_keeps_the_last_good_checkpoint(fmnist_small, tmp_path):
