@@ -50,13 +50,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def loader_threads(num_workers: int) -> int:
+    """The threads FFCV's pipeline really runs on: numba's pool (NUMBA_NUM_THREADS, by default this machine's
+    CPUs) caps data.num_workers, where numba itself would fail the loader thread with a traceback."""
+    return max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
+
+
+_capped: set[int] = set()
+
+
 def _set_loader_threads(compiler: type, n: int) -> None:
     """FFCV's `Compiler.set_num_threads`, less its `torch.set_num_threads(n)`: FFCV calls it with 1 when it is
     imported and with `data.num_workers` from its loader thread at every epoch, which changes torch's intra-op
     thread count for the whole process and silently ran every CPU step on that many threads, whatever
     cluster.cpus_per_task (OMP_NUM_THREADS) said. numba's count is all FFCV's pipeline needs."""
-    compiler.num_threads = n if n >= 1 else os.cpu_count() or 1
-    numba.set_num_threads(compiler.num_threads)
+    threads = loader_threads(n)
+    if threads < n and n not in _capped:  # once per value, not at every epoch
+        _capped.add(n)
+        logger.warning("data.num_workers=%d: numba runs at most %d threads here (NUMBA_NUM_THREADS), so FFCV "
+                       "decodes on %d", n, threads, threads)
+    compiler.num_threads = threads
+    numba.set_num_threads(threads)
 
 
 def _torch_threads_default() -> int:

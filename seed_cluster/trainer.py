@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .cache import FeatureCache, open_for_training
 from .checkpoint import Checkpointer
 from .config import Derived, TrainConfig, config_hash, derive, run_dir, to_dict
-from .data import Batch, TrainStream
+from .data import Batch, TrainStream, loader_threads
 from .distributed import DistEnv, all_reduce_max, is_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .methods import StepOutput, build_method, view_specs
@@ -321,5 +321,5 @@ class Trainer:
                     self.cfg.method.name, self.data.num_samples, d.steps_per_epoch, d.total_steps,
                     d.global_batch, d.lr)
         logger.info("threads per rank: torch %d, FFCV %d (cluster.cpus_per_task, data.num_workers)",
-                    torch.get_num_threads(), self.cfg.data.num_workers)
+                    torch.get_num_threads(), loader_threads(self.cfg.data.num_workers))
         logger.info("watch it: tensorboard --logdir %s", (self.run_dir / "tensorboard").resolve())

@@ -185,6 +185,18 @@ def test_ffcv_leaves_torchs_thread_count_to_omp_num_threads_and_the_user(fmnist_
     assert result.stdout.split("\n")[-2] == "[2, 3, 3, 3, 3, 3, 3] 1"
 
 
+def test_more_workers_than_numba_can_run_are_capped_with_a_warning_not_a_traceback(fmnist_small, caplog):
+    """numba.set_num_threads raises for more threads than its pool (NUMBA_NUM_THREADS, the CPUs by default),
+    which killed FFCV's loader thread for the default data.num_workers=8 on a smaller machine."""
+    import numba
+
+    too_many = numba.config.NUMBA_NUM_THREADS + 3
+    with caplog.at_level(logging.WARNING, logger="seed_cluster.data"):
+        batch = take(stream(fmnist_small, num_workers=too_many), 1)[0]
+    assert batch.views[0].shape == (B, 3, 32, 32)
+    assert f"data.num_workers={too_many}: numba runs at most {numba.config.NUMBA_NUM_THREADS} threads" in caplog.text
+
+
 def test_same_key_gives_the_same_views_in_other_processes_thread_counts_world_sizes_and_batches(
         fmnist_small, tmp_path):
     a = dump_views(fmnist_small, tmp_path / "a.pt", rank=0, world_size=1, workers=1)
