@@ -141,9 +141,11 @@ def test_high_partition_job_preempts_and_the_run_requeues_and_finishes(slurm_clu
 
 
 def test_time_limit_requeues_through_the_timeout_path_until_max_num_timeout(slurm_cluster, fmnist_small, tmp_path):
-    # timeout_min=1 with the USR2 45 s before the limit: every attempt is stopped by the timeout
-    # signal; after max_num_timeout=2 requeues submitit gives up and the job fails, saying why.
-    overrides = slurm_run(fmnist_small, tmp_path, "cluster.timeout_min=1", "cluster.signal_delay_s=45",
+    # timeout_min=1 with the USR2 30 s before the limit: every attempt is stopped by the timeout
+    # signal; after max_num_timeout=2 requeues submitit gives up and the job fails, saying why. (With the
+    # USR2 45 s before, a backfill-started attempt once got it 1 s after its start, before Python had
+    # loaded the job, and died of it: slurmctld's end time for such a job can be some seconds early.)
+    overrides = slurm_run(fmnist_small, tmp_path, "cluster.timeout_min=1", "cluster.signal_delay_s=30",
                           "cluster.max_num_timeout=2", "optim.max_steps=1000000")
     job_id, directory = submit(*overrides)
     try:
