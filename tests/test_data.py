@@ -151,12 +151,18 @@ torch.save({{"indices": torch.cat([b.indices for b in batches]),
 """
 
 
-def dump_views(data: Path, out: Path, *, rank: int, world_size: int, workers: int) -> dict:
-    code = _DUMP.format(tests=str(Path(__file__).parent), data=str(data), rank=rank, world_size=world_size,
-                        workers=workers, out=str(out))
-    env = {**os.environ, "OMP_NUM_THREADS": str(workers)}
+def run_fresh(template: str, omp_threads: int, **fields) -> str:
+    """Run `template` (filled with `fields` and `tests`, this folder) in a new Python process with
+    OMP_NUM_THREADS=`omp_threads`; its stdout."""
+    code = template.format(tests=str(Path(__file__).parent), **fields)
+    env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def dump_views(data: Path, out: Path, *, rank: int, world_size: int, workers: int) -> dict:
+    run_fresh(_DUMP, workers, data=str(data), rank=rank, world_size=world_size, workers=workers, out=str(out))
     return torch.load(out)
 
 
@@ -178,11 +184,8 @@ print(seen, s.epoch)
 def test_ffcv_leaves_torchs_thread_count_to_omp_num_threads_and_the_user(fmnist_small):
     """FFCV's Compiler.set_num_threads also sets torch's thread count (1 at import, data.num_workers at every
     epoch): importing seed_cluster.data restores OMP_NUM_THREADS and stops it from happening again."""
-    code = _THREADS.format(tests=str(Path(__file__).parent), data=str(fmnist_small))
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[-2] == "[2, 3, 3, 3, 3, 3, 3] 1"
+    stdout = run_fresh(_THREADS, 2, data=str(fmnist_small))
+    assert stdout.split("\n")[-2] == "[2, 3, 3, 3, 3, 3, 3] 1"
 
 
 def test_more_workers_than_numba_can_run_are_capped_with_a_warning_not_a_traceback(fmnist_small, caplog):
